@@ -1,0 +1,55 @@
+"""Distribution `ssiu`: the SSIU super-resolution network as a BasicSR plugin.
+
+The user-facing top level keeps `ssiu_arch/`, `losses/` and `datasets_lmdb/` side by side; they are
+installed under the single import package `ssiu_arch` so that no generic name such as `losses`
+lands in site-packages.
+"""
+from pathlib import Path
+
+from setuptools import setup
+
+HERE = Path(__file__).parent
+
+setup(
+    name='ssiu',
+    version='0.1.0',
+    description='SSIU (Structural Similarity-Inspired Unfolding, IEEE TIP 2025) for BasicSR',
+    long_description=(HERE / 'README.md').read_text(encoding='utf-8'),
+    long_description_content_type='text/markdown',
+    license='Apache-2.0',
+    python_requires='>=3.9',
+    packages=['ssiu_arch', 'ssiu_arch.losses', 'ssiu_arch.datasets_lmdb'],
+    package_dir={
+        'ssiu_arch': 'ssiu_arch',
+        'ssiu_arch.losses': 'losses',
+        'ssiu_arch.datasets_lmdb': 'datasets_lmdb',
+    },
+    install_requires=[
+        # torch 2.13.0 has a CPU wheel; an open range pulls a multi-GB CUDA build on CPU-only machines.
+        'torch==2.13.0',
+        'torchvision==0.28.0',
+        # basicsr 1.4.2 is an sdist whose build needs torch: install with --no-build-isolation.
+        'basicsr==1.4.2',
+        'einops>=0.7',
+        'lmdb>=1.4',
+        'matplotlib>=3.7',
+        'numpy>=1.24',
+        'opencv-python>=4.8',
+        'pyyaml>=6.0',
+        'tqdm>=4.60',
+    ],
+    extras_require={
+        'onnx': ['onnx>=1.15', 'onnxruntime>=1.17'],
+        'dev': ['onnx>=1.15', 'onnxruntime>=1.17', 'pytest>=8', 'ruff>=0.5'],
+    },
+    entry_points={
+        'console_scripts': [
+            'basicsr = ssiu_arch.cli:basicsr_main',
+            'ssiu = ssiu_arch.cli:ssiu_main',
+        ],
+    },
+    classifiers=[
+        'Programming Language :: Python :: 3',
+        'Topic :: Scientific/Engineering :: Image Processing',
+    ],
+)

@@ -1,0 +1,118 @@
+"""Make ``basicsr==1.4.2`` work with current torch/torchvision and on machines without CUDA.
+
+Each fix is applied only when the problem it addresses is present, so newer BasicSR or torchvision
+releases run untouched:
+
+* torchvision CUDA wheels beside a CPU torch fail on import with ``operator torchvision::nms does not
+  exist``: its C extension cannot load, then its meta registrations reference the missing ops. We
+  define the two op schemas and import again (only ``torchvision.ops.nms``/``deform_conv2d`` stay
+  unavailable, which image SR does not use).
+* basicsr 1.4.2 imports ``torchvision.transforms.functional_tensor``, removed in torchvision 0.17
+  (BasicSR issues #533 and #663): we register an alias exposing ``rgb_to_grayscale``.
+* ``basicsr.train.load_resume_state`` maps the state to ``torch.cuda.current_device()``: without
+  CUDA we load it to the CPU instead.
+* ``basicsr.utils.dist_util.init_dist`` hard-codes NCCL and CUDA devices: without CUDA we use gloo.
+
+The model-level gaps (optimizers other than Adam, DDP ``device_ids`` on CPU, atomic checkpoints) are
+handled in :class:`ssiu_arch.ssiu_model.SSIUModel`, where BasicSR expects subclasses to do so.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+import types
+
+import torch
+
+_TORCHVISION_SCHEMAS = (
+    'nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor',
+    'qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor',
+)
+_torchvision_library = None  # must stay alive for the schemas to stay registered
+
+
+def _import_torchvision() -> None:
+    global _torchvision_library
+    try:
+        importlib.import_module('torchvision')
+        return
+    except RuntimeError as err:
+        if 'torchvision::nms' not in str(err):
+            raise
+    for name in [m for m in sys.modules if m == 'torchvision' or m.startswith('torchvision.')]:
+        del sys.modules[name]
+    _torchvision_library = torch.library.Library('torchvision', 'DEF')
+    for schema in _TORCHVISION_SCHEMAS:
+        _torchvision_library.define(schema)
+    importlib.import_module('torchvision')
+
+
+def _alias_functional_tensor() -> None:
+    name = 'torchvision.transforms.functional_tensor'
+    try:
+        importlib.import_module(name)
+    except ImportError:
+        from torchvision.transforms import functional
+
+        alias = types.ModuleType(name)
+        alias.rgb_to_grayscale = functional.rgb_to_grayscale
+        sys.modules[name] = alias
+
+
+def load_resume_state_to_cpu(opt: dict) -> dict | None:
+    """CPU counterpart of ``basicsr.train.load_resume_state`` (same lookup, CPU map location)."""
+    from basicsr.utils import scandir
+    from basicsr.utils.misc import check_resume
+
+    resume_state_path = opt['path'].get('resume_state')
+    if opt['auto_resume']:
+        state_dir = os.path.join('experiments', opt['name'], 'training_states')
+        if os.path.isdir(state_dir):
+            iters = [int(name.split('.state')[0]) for name in scandir(state_dir, suffix='.state', recursive=False)]
+            if iters:
+                resume_state_path = os.path.join(state_dir, f'{max(iters)}.state')
+                opt['path']['resume_state'] = resume_state_path
+    if resume_state_path is None:
+        return None
+    resume_state = torch.load(resume_state_path, map_location='cpu', weights_only=False)
+    check_resume(opt, resume_state['iter'])
+    return resume_state
+
+
+def init_dist_cpu(launcher: str, backend: str = 'gloo', **kwargs) -> None:
+    """CPU counterpart of ``basicsr.utils.dist_util.init_dist``: gloo, no CUDA device selection.
+
+    ``launcher='pytorch'`` reads torchrun's environment; ``'slurm'`` derives it from SLURM's as BasicSR
+    does (first host of the node list as master; port from ``port``, ``MASTER_PORT`` or 29500).
+    """
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    if mp.get_start_method(allow_none=True) is None:
+        mp.set_start_method('spawn')
+    if launcher == 'slurm':
+        node_list = os.environ['SLURM_NODELIST']
+        os.environ['MASTER_ADDR'] = subprocess.getoutput(f'scontrol show hostname {node_list} | head -n1')
+        os.environ['MASTER_PORT'] = str(kwargs.pop('port', None) or os.environ.get('MASTER_PORT', 29500))
+        os.environ['WORLD_SIZE'] = os.environ['SLURM_NTASKS']
+        os.environ['RANK'] = os.environ['SLURM_PROCID']
+    elif launcher != 'pytorch':
+        raise ValueError(f'Invalid launcher type: {launcher}')
+    dist.init_process_group(backend=backend, **kwargs)
+
+
+def apply() -> None:
+    """Apply every fix that the installed versions and the machine need; safe to call repeatedly."""
+    _import_torchvision()
+    _alias_functional_tensor()
+    if torch.cuda.is_available():
+        return
+    import basicsr.train
+    import basicsr.utils.dist_util
+    import basicsr.utils.options
+
+    basicsr.train.load_resume_state = load_resume_state_to_cpu
+    basicsr.utils.dist_util.init_dist = init_dist_cpu
+    basicsr.utils.options.init_dist = init_dist_cpu

@@ -1,0 +1,1 @@
+"""SSIUModel (placeholder until the model issue lands)."""
