@@ -1,0 +1,128 @@
+"""Image files for the data preparation tools: listing, keys, decoding with clear errors, atomic writes."""
+from __future__ import annotations
+
+import multiprocessing
+import os
+import re
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp', '.ppm', '.pgm')
+_SCALE_SUFFIX = re.compile(r'^(.*)x(\d+)$')
+
+
+class DataPrepError(ValueError):
+    """Bad input or output of a data preparation step; the message names the file or option at fault."""
+
+
+def list_images(folder: str | os.PathLike) -> list[Path]:
+    """Image files directly inside ``folder`` (hidden files skipped), sorted by name."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataPrepError(f'{folder}: no such folder')
+    paths = sorted(p for p in folder.iterdir()
+                   if p.is_file() and not p.name.startswith('.') and p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not paths:
+        raise DataPrepError(f'{folder}: no image files ({", ".join(IMAGE_EXTENSIONS)})')
+    return paths
+
+
+def image_key(path: str | os.PathLike, strip_suffix: str = '') -> str:
+    """BasicSR's LMDB key of an image file: its name up to the first dot, minus ``strip_suffix`` if it ends so.
+
+    Keys must be ASCII without whitespace: BasicSR encodes them as ASCII and splits ``meta_info.txt`` lines
+    on spaces and on the first dot.
+    """
+    name = Path(path).name
+    key = name.split('.')[0]
+    if strip_suffix and key.endswith(strip_suffix) and len(key) > len(strip_suffix):
+        key = key[:-len(strip_suffix)]
+    if not key or not key.isascii() or any(ch.isspace() for ch in key):
+        raise DataPrepError(f'{path}: file name gives the key {key!r}; LMDB keys must be non-empty ASCII '
+                            'without spaces (rename the file)')
+    return key
+
+
+def split_scale_suffix(stem: str, scale: int | None = None) -> str:
+    """``'0001x2'`` -> ``'0001'`` (the benchmark / DIV2K LR naming); other names are returned unchanged."""
+    match = _SCALE_SUFFIX.match(stem)
+    if match and (scale is None or int(match.group(2)) == scale):
+        return match.group(1)
+    return stem
+
+
+def decode_image(data: bytes, source: str, flag: int = cv2.IMREAD_UNCHANGED) -> np.ndarray:
+    """Decode encoded image bytes; ``source`` (file name or key) names the culprit in the error."""
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), flag) if data else None
+    if img is None:
+        raise DataPrepError(f'{source}: not a readable image (empty, truncated, corrupt or unsupported format)')
+    return img
+
+
+def read_image(path: str | os.PathLike, flag: int = cv2.IMREAD_UNCHANGED) -> np.ndarray:
+    """Read an image file (any OpenCV format, 8 or 16 bit, grayscale kept HxW unless ``flag`` says otherwise)."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as err:
+        raise DataPrepError(f'{path}: cannot read ({err.strerror or err})') from None
+    return decode_image(data, str(path), flag)
+
+
+def encode_png(img: np.ndarray, compress_level: int, source: str = 'image') -> bytes:
+    """PNG bytes of ``img`` at zlib ``compress_level`` (0-9: 1 is BasicSR's LMDB default, fast to write)."""
+    ok, buf = cv2.imencode('.png', img, [cv2.IMWRITE_PNG_COMPRESSION, compress_level])
+    if not ok:
+        raise DataPrepError(f'{source}: OpenCV could not encode a {img.dtype} image of shape {img.shape} as PNG')
+    return buf.tobytes()
+
+
+def write_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to a hidden temporary file beside ``path``, then rename it: never a half-written file."""
+    path = Path(path)
+    tmp = path.with_name(f'.{path.name}.partial')
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except BaseException as err:
+        tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise DataPrepError(f'{path}: cannot write ({err.strerror or err})') from None
+        raise
+
+
+def image_shape(img: np.ndarray) -> tuple[int, int, int]:
+    """(h, w, c) with c = 1 for a grayscale HxW image, as written in ``meta_info.txt``."""
+    return (img.shape[0], img.shape[1], 1 if img.ndim == 2 else img.shape[2])
+
+
+def default_workers() -> int:
+    """Worker processes used when none are given: the CPU count, at most 8."""
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+def parallel_map(func: Callable, items: Iterable, total: int, workers: int = 1, desc: str = '',
+                 progress: bool = True, ordered: bool = True) -> Iterator:
+    """``map(func, items)`` in ``workers`` processes (in this one if 1) behind a tqdm progress bar.
+
+    Child processes are forked where the platform allows it, so they do not import torch again.
+    """
+    bar = tqdm(total=total, desc=desc, unit='img', disable=not progress, dynamic_ncols=True)
+    try:
+        if workers <= 1:
+            for result in map(func, items):
+                bar.update()
+                yield result
+            return
+        methods = multiprocessing.get_all_start_methods()
+        context = multiprocessing.get_context('fork' if 'fork' in methods else None)
+        with context.Pool(workers) as pool:
+            mapper = pool.imap if ordered else pool.imap_unordered
+            for result in mapper(func, items, chunksize=4):
+                bar.update()
+                yield result
+    finally:
+        bar.close()
