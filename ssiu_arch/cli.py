@@ -9,6 +9,7 @@ import sys
 # Modules that each contribute one ``ssiu`` subcommand through ``add_parser(subparsers)``.
 SUBCOMMAND_MODULES = (
     'ssiu_arch.convert',
+    'ssiu_arch.datasets_lmdb.cli',
 )
 
 _BASICSR_USAGE = """usage: basicsr {train,test} -opt OPTIONS.yml [--launcher {none,pytorch,slurm}] [--auto_resume]
