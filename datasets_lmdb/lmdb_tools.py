@@ -32,7 +32,7 @@ from ssiu_arch.datasets_lmdb.files import (
 
 META_INFO = 'meta_info.txt'
 _META_LINE = re.compile(r'^(\S+?)\.\S+ \((\d+),(\d+),(\d+)\) (\d+)$')
-_INITIAL_MAP_SIZE = 1 << 30
+_MIN_MAP_SIZE = 1 << 30
 
 
 def _encode_one(job: tuple[str, Path], compress_level: int) -> tuple[str, bytes, tuple[int, int, int]]:
@@ -82,7 +82,7 @@ class _Writer:
 
 def build_lmdb(folder: str | os.PathLike, lmdb_path: str | os.PathLike, compress_level: int = 1,
                strip_suffix: str = '', workers: int = 1, batch: int = 500, overwrite: bool = False,
-               progress: bool = True) -> int:
+               map_size: int | None = None, progress: bool = True) -> int:
     """Write every image of ``folder`` into the LMDB ``lmdb_path`` (must end in ``.lmdb``); returns the count.
 
     Images are stored losslessly as PNG at zlib ``compress_level`` (BasicSR's default 1 writes several times
@@ -90,7 +90,8 @@ def build_lmdb(folder: str | os.PathLike, lmdb_path: str | os.PathLike, compress
     HR keys. The LMDB is written under :func:`building_path` and renamed when complete, so an interrupted or
     failed build never leaves a folder that looks like a finished LMDB; a leftover from an interrupted run is
     deleted and the build starts clean. An existing ``lmdb_path`` is an error unless ``overwrite``, in which
-    case it is replaced only once the new one is complete.
+    case it is replaced only once the new one is complete. ``map_size`` is the initial LMDB map size in bytes
+    (default: 4 x the input files, at least 1 GiB); it doubles whenever a transaction does not fit.
     """
     lmdb_path = Path(lmdb_path)
     if lmdb_path.suffix != '.lmdb':
@@ -114,7 +115,7 @@ def build_lmdb(folder: str | os.PathLike, lmdb_path: str | os.PathLike, compress
     total_bytes = sum(p.stat().st_size for p in paths)
     current = None
     try:
-        writer = _Writer(tmp, max(_INITIAL_MAP_SIZE, 4 * total_bytes), batch)
+        writer = _Writer(tmp, map_size or max(_MIN_MAP_SIZE, 4 * total_bytes), batch)
         meta = []
         try:
             worker = functools.partial(_encode_one, compress_level=compress_level)
