@@ -1,1 +1,310 @@
-"""SSIUModel (placeholder until the model issue lands)."""
+"""SSIUModel: BasicSR's SRModel trained with the published SSIU recipe or with the SSIU losses.
+
+Published recipe (github.com/eezkni/SSIU ``train.py``) in BasicSR terms::
+
+    model_type: SSIUModel
+    train:
+      optim_g: {type: AdamW, lr: !!float 1e-3, betas: [0.9, 0.99], weight_decay: !!float 1e-4}
+      scheduler: {type: CosineAnnealingRestartLR, periods: [<total_iter>], restart_weights: [1], eta_min: !!float 1e-6}
+      total_iter: <total_iter>
+      pixel_opt: {type: L1Loss, loss_weight: 1.0}
+      fft_opt: {type: FFTLoss, loss_weight: 0.01}
+
+Add ``ssim_opt`` (:class:`~ssiu_arch.losses.SSIMUnfoldingLoss`) and/or ``moe_opt``
+(:class:`~ssiu_arch.losses.MoELoadBalancingLoss`) to train with the new losses.
+"""
+from __future__ import annotations
+
+import csv
+import inspect
+import io
+import json
+import os
+import time
+from collections import OrderedDict
+from os import path as osp
+
+import torch
+from basicsr.archs import build_network
+from basicsr.losses import build_loss
+from basicsr.metrics import calculate_metric
+from basicsr.models.sr_model import SRModel
+from basicsr.utils import get_root_logger, imwrite, tensor2img
+from basicsr.utils.dist_util import master_only
+from basicsr.utils.registry import MODEL_REGISTRY
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from ssiu_arch.convert import save_atomic
+from ssiu_arch.ssiu_arch import SSIU, pad_to_multiple
+
+__all__ = ['SSIUModel']
+
+# train.<key> -> (attribute, log name) of each loss SSIUModel builds
+LOSSES = OrderedDict([('pixel_opt', ('cri_pix', 'l_pix')), ('fft_opt', ('cri_fft', 'l_fft')),
+                      ('ssim_opt', ('cri_ssim', 'l_ssim')), ('moe_opt', ('cri_moe', 'l_moe'))])
+
+
+def _write_text_atomic(path: str, text: str) -> None:
+    """Write ``text`` to a temporary name beside ``path``, then rename it over ``path``."""
+    tmp = osp.join(osp.dirname(path), f'.{osp.basename(path)}.tmp{os.getpid()}')
+    try:
+        with open(tmp, 'w', encoding='utf-8', newline='') as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if osp.exists(tmp):
+            os.remove(tmp)
+
+
+@MODEL_REGISTRY.register()
+class SSIUModel(SRModel):
+    """SRModel with the SSIU losses, any ``torch.optim`` optimizer and leaderboard-ready validation.
+
+    Losses: any non-empty subset of ``train.pixel_opt``, ``fft_opt``, ``ssim_opt`` and ``moe_opt``, logged
+    as ``l_pix``, ``l_fft``, ``l_ssim``, ``l_moe`` and their sum ``l_total``. The network is called with
+    ``return_aux=True`` only when the SSIM loss has ``step_weights`` (it gets ``step_outputs``) or the MoE
+    loss is on (it gets ``gates``).
+
+    Optimizer: ``train.optim_g.type`` names any ``torch.optim`` class (``Adam``, ``AdamW``, ``SGD``, ...);
+    the other keys are its keywords. basicsr 1.4.2 itself knows only Adam.
+
+    Scheduler: BasicSR's own. The published cosine decay to 1e-6 over the whole run is
+    ``CosineAnnealingRestartLR`` with one period, ``periods: [total_iter]``, ``restart_weights: [1]``,
+    ``eta_min: 1e-6``: per iteration it equals ``torch.optim.lr_scheduler.CosineAnnealingLR(T_max=total_iter,
+    eta_min=1e-6)`` (the published code steps the same curve per epoch).
+
+    Compatibility with basicsr 1.4.2:
+
+    * ``model_to_device``: with ``dist`` on CPU the network is wrapped in ``DistributedDataParallel``
+      without ``device_ids`` (BasicSR passes the current CUDA device, which fails without CUDA); on CUDA
+      BasicSR's behaviour is kept.
+    * Checkpoints (``net_g_N.pth``, ``N.state``) are written to a temporary name and renamed, by rank 0
+      only: a kill while saving leaves the previous files intact, and temporary names do not end in
+      ``.state``, so auto-resume never picks a half-written state.
+    * Validation: besides BasicSR's log and best-metric tracking, per-image and mean metrics go to
+      ``<path.log>/metrics_<dataset>.json`` and ``.csv`` (rewritten at every validation), computed with
+      BasicSR's ``calculate_metric`` on ``tensor2img`` outputs as SRModel does. JSON schema::
+
+          {"name": str, "model": network class, "scale": int, "dataset": str, "crop_border": int,
+           "test_y_channel": bool, "iter": current_iter, "metrics": [metric names],
+           "images": [{"name": str, <metric>: float, ...}], "mean": {<metric>: float, ...}}
+
+      ``crop_border`` and ``test_y_channel`` come from the first metric's options; ``iter`` is the
+      iteration during training and, as BasicSR passes it, the option name under ``basicsr test``. The
+      CSV has one row per image (columns ``name`` and the metrics).
+    * Any image size: SSIU pads internally; another network with a ``pad_multiple`` attribute gets its
+      input reflect-padded to that multiple in :meth:`test` and its output cropped back.
+    """
+
+    def init_training_settings(self) -> None:
+        self.net_g.train()
+        train_opt = self.opt['train']
+        self.ema_decay = train_opt.get('ema_decay', 0)
+        if self.ema_decay > 0:
+            get_root_logger().info(f'Use Exponential Moving Average with decay: {self.ema_decay}')
+            self.net_g_ema = build_network(self.opt['network_g']).to(self.device)
+            load_path = self.opt['path'].get('pretrain_network_g')
+            if load_path is not None:
+                self.load_network(self.net_g_ema, load_path, self.opt['path'].get('strict_load_g', True), 'params_ema')
+            else:
+                self.model_ema(0)
+            self.net_g_ema.eval()
+        self._build_losses(train_opt)
+        self.setup_optimizers()
+        self.setup_schedulers()
+
+    def _build_losses(self, train_opt: dict) -> None:
+        unknown = [k for k, v in train_opt.items() if k.endswith('_opt') and k not in LOSSES and v]
+        if unknown:
+            raise ValueError(f'train.{unknown[0]}: SSIUModel does not use this loss; it builds '
+                             f'{", ".join(f"train.{k}" for k in LOSSES)}')
+        for key, (attr, _) in LOSSES.items():
+            loss_opt = train_opt.get(key)
+            if loss_opt and loss_opt.get('reduction', 'mean') == 'none':
+                raise ValueError(f"train.{key}.reduction: 'none' gives no scalar to train on; use 'mean' or 'sum'")
+            setattr(self, attr, build_loss(loss_opt).to(self.device) if loss_opt else None)
+        if all(getattr(self, attr) is None for attr, _ in LOSSES.values()):
+            raise ValueError(f'SSIUModel: no loss configured; set at least one of '
+                             f'{", ".join(f"train.{k}" for k in LOSSES)}')
+        self.use_aux = bool(getattr(self.cri_ssim, 'step_weights', None)) or self.cri_moe is not None
+        forward = self.get_bare_model(self.net_g).forward
+        if self.use_aux and 'return_aux' not in inspect.signature(forward).parameters:
+            raise ValueError(f'train.ssim_opt.step_weights and train.moe_opt need a network called with '
+                             f'return_aux=True; network_g.type {self.opt["network_g"]["type"]} has no such argument')
+
+    def get_optimizer(self, optim_type: str, params, lr: float, **kwargs) -> torch.optim.Optimizer:
+        """Any ``torch.optim`` optimizer by class name, e.g. the published ``AdamW`` (betas 0.9/0.99, wd 1e-4)."""
+        optim_cls = getattr(torch.optim, str(optim_type), None)
+        if not (isinstance(optim_cls, type) and issubclass(optim_cls, torch.optim.Optimizer)):
+            known = sorted(name for name, obj in vars(torch.optim).items() if isinstance(obj, type)
+                           and issubclass(obj, torch.optim.Optimizer) and obj is not torch.optim.Optimizer)
+            raise ValueError(f'train.optim_g.type: unknown optimizer {optim_type!r}; torch.optim provides: '
+                             f'{", ".join(known)}')
+        try:
+            return optim_cls(params, lr=lr, **kwargs)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f'train.optim_g: cannot build torch.optim.{optim_type}(lr={lr!r}, '
+                             f'{", ".join(f"{k}={v!r}" for k, v in kwargs.items())}): {err}') from err
+
+    def model_to_device(self, net: torch.nn.Module) -> torch.nn.Module:
+        if self.opt['dist'] and self.device.type == 'cpu':
+            return DistributedDataParallel(net.to(self.device),
+                                           find_unused_parameters=self.opt.get('find_unused_parameters', False))
+        return super().model_to_device(net)
+
+    def optimize_parameters(self, current_iter: int) -> None:
+        self.optimizer_g.zero_grad()
+        aux = {}
+        if self.use_aux:  # call the (possibly DDP-wrapped) net_g so that gradients are synchronised
+            self.output, aux = self.net_g(self.lq, return_aux=True)
+        else:
+            self.output = self.net_g(self.lq)
+
+        loss_dict = OrderedDict()
+        if self.cri_pix:
+            loss_dict['l_pix'] = self.cri_pix(self.output, self.gt)
+        if self.cri_fft:
+            loss_dict['l_fft'] = self.cri_fft(self.output, self.gt)
+        if self.cri_ssim:
+            loss_dict['l_ssim'] = self.cri_ssim(self.output, self.gt, step_outputs=aux.get('step_outputs'))
+        if self.cri_moe:
+            loss_dict['l_moe'] = self.cri_moe(aux['gates'])
+        l_total = sum(loss_dict.values())
+        loss_dict['l_total'] = l_total
+        l_total.backward()
+        self.optimizer_g.step()
+
+        self.log_dict = self.reduce_loss_dict(loss_dict)
+        if self.ema_decay > 0:
+            self.model_ema(decay=self.ema_decay)
+
+    def _pad_multiple(self, net: torch.nn.Module) -> int:
+        bare = self.get_bare_model(net)
+        return 1 if isinstance(bare, SSIU) else int(getattr(bare, 'pad_multiple', 1) or 1)
+
+    def test(self) -> None:
+        net = self.net_g_ema if hasattr(self, 'net_g_ema') else self.net_g
+        h, w = self.lq.shape[-2:]
+        lq = pad_to_multiple(self.lq, self._pad_multiple(net))
+        was_training = net.training
+        net.eval()
+        with torch.no_grad():
+            output = net(lq)
+        net.train(was_training)
+        scale = output.shape[-1] // lq.shape[-1]
+        self.output = output[..., :h * scale, :w * scale]
+
+    def nondist_validation(self, dataloader, current_iter, tb_logger, save_img: bool) -> None:
+        dataset_name = dataloader.dataset.opt['name']
+        metrics_opt = self.opt['val'].get('metrics')
+        with_metrics = metrics_opt is not None
+        if with_metrics:
+            self._initialize_best_metric_results(dataset_name)
+            self.metric_results = {metric: 0 for metric in metrics_opt}
+        pbar = tqdm(total=len(dataloader), unit='image') if self.opt['val'].get('pbar', False) else None
+
+        images = []
+        for val_data in dataloader:
+            img_name = osp.splitext(osp.basename(val_data['lq_path'][0]))[0]
+            self.feed_data(val_data)
+            self.test()
+            visuals = self.get_current_visuals()
+            metric_data = {'img': tensor2img([visuals['result']])}
+            if 'gt' in visuals:
+                metric_data['img2'] = tensor2img([visuals['gt']])
+                del self.gt
+            del self.lq
+            del self.output
+            torch.cuda.empty_cache()
+
+            if save_img:
+                imwrite(metric_data['img'], self._visualization_path(dataset_name, img_name, current_iter))
+            if with_metrics:
+                row = {'name': img_name}
+                for name, opt_ in metrics_opt.items():
+                    row[name] = float(calculate_metric(metric_data, opt_))
+                    self.metric_results[name] += row[name]
+                images.append(row)
+            if pbar is not None:
+                pbar.update(1)
+                pbar.set_description(f'Test {img_name}')
+        if pbar is not None:
+            pbar.close()
+
+        if with_metrics:
+            for metric in self.metric_results:
+                self.metric_results[metric] /= len(images)
+                self._update_best_metric_result(dataset_name, metric, self.metric_results[metric], current_iter)
+            self._log_validation_metric_values(current_iter, dataset_name, tb_logger)
+            self._write_metrics(dataset_name, current_iter, images)
+
+    def _visualization_path(self, dataset_name: str, img_name: str, current_iter) -> str:
+        if self.opt['is_train']:
+            return osp.join(self.opt['path']['visualization'], img_name, f'{img_name}_{current_iter}.png')
+        suffix = self.opt['val'].get('suffix') or self.opt['name']
+        return osp.join(self.opt['path']['visualization'], dataset_name, f'{img_name}_{suffix}.png')
+
+    def _write_metrics(self, dataset_name: str, current_iter, images: list[dict]) -> None:
+        """Write ``metrics_<dataset>.json`` and ``.csv`` beside the log (schema in the class docstring)."""
+        metrics_opt = self.opt['val']['metrics']
+        first = next(iter(metrics_opt.values()))
+        names = list(metrics_opt)
+        record = {
+            'name': self.opt['name'],
+            'model': type(self.get_bare_model(self.net_g)).__name__,
+            'scale': int(self.opt.get('scale', 1)),
+            'dataset': dataset_name,
+            'crop_border': int(first.get('crop_border', 0)),
+            'test_y_channel': bool(first.get('test_y_channel', False)),
+            'iter': current_iter,
+            'metrics': names,
+            'images': images,
+            'mean': {name: float(self.metric_results[name]) for name in names},
+        }
+        stem = osp.join(self.opt['path']['log'], f'metrics_{dataset_name}')
+        _write_text_atomic(f'{stem}.json', json.dumps(record, indent=2) + '\n')
+        table = io.StringIO()
+        writer = csv.DictWriter(table, fieldnames=['name', *names], lineterminator='\n')
+        writer.writeheader()
+        writer.writerows(images)
+        _write_text_atomic(f'{stem}.csv', table.getvalue())
+        get_root_logger().info(f'Per-image metrics of {dataset_name} written to {stem}.json and .csv')
+
+    def _save_atomic_with_retry(self, obj: object, save_path: str) -> None:
+        """``save_atomic`` with BasicSR's three attempts; a failed save is logged and skipped, as in BasicSR."""
+        logger = get_root_logger()
+        for attempt in range(3, 0, -1):
+            try:
+                save_atomic(obj, save_path)
+                return
+            except Exception as err:
+                logger.warning(f'Save {save_path} error: {err}, remaining retry times: {attempt - 1}')
+                if attempt > 1:
+                    time.sleep(1)
+        logger.warning(f'Still cannot save {save_path}; the previous file is kept.')
+
+    @master_only
+    def save_network(self, net, net_label: str, current_iter: int, param_key='params') -> None:
+        """BasicSR's ``save_network`` (same file name and layout), written atomically."""
+        label_iter = 'latest' if current_iter == -1 else current_iter
+        save_path = osp.join(self.opt['path']['models'], f'{net_label}_{label_iter}.pth')
+        nets = net if isinstance(net, list) else [net]
+        param_keys = param_key if isinstance(param_key, list) else [param_key]
+        if len(nets) != len(param_keys):
+            raise ValueError(f'save_network: {len(nets)} networks but {len(param_keys)} param keys')
+        save_dict = {}
+        for net_, key in zip(nets, param_keys):
+            state_dict = self.get_bare_model(net_).state_dict()
+            save_dict[key] = OrderedDict((k.removeprefix('module.'), v.cpu()) for k, v in state_dict.items())
+        self._save_atomic_with_retry(save_dict, save_path)
+
+    @master_only
+    def save_training_state(self, epoch: int, current_iter: int) -> None:
+        """BasicSR's ``save_training_state`` (``<iter>.state``), written atomically."""
+        if current_iter == -1:
+            return
+        state = {'epoch': epoch, 'iter': current_iter,
+                 'optimizers': [o.state_dict() for o in self.optimizers],
+                 'schedulers': [s.state_dict() for s in self.schedulers]}
+        self._save_atomic_with_retry(state, osp.join(self.opt['path']['training_states'], f'{current_iter}.state'))
