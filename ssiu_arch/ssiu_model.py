@@ -36,6 +36,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from ssiu_arch.convert import save_atomic
+from ssiu_arch.datasets_lmdb.imresize import imresize
 from ssiu_arch.ssiu_arch import SSIU, pad_to_multiple
 
 __all__ = ['SSIUModel']
@@ -93,6 +94,9 @@ class SSIUModel(SRModel):
       ``crop_border`` and ``test_y_channel`` come from the first metric's options; ``iter`` is the
       iteration during training and, as BasicSR passes it, the option name under ``basicsr test``. The
       CSV has one row per image (columns ``name`` and the metrics).
+    * ``val.bicubic_baseline: true`` also logs, per validation set, the metrics of MATLAB bicubic upscaling
+      of the same LR images (measured once, with the same metric options), so a log shows what the
+      network must beat.
     * Any image size: SSIU pads internally; another network with a ``pad_multiple`` attribute gets its
       input reflect-padded to that multiple in :meth:`test` and its output cropped back.
     """
@@ -203,6 +207,9 @@ class SSIUModel(SRModel):
             self._initialize_best_metric_results(dataset_name)
             self.metric_results = {metric: 0 for metric in metrics_opt}
         pbar = tqdm(total=len(dataloader), unit='image') if self.opt['val'].get('pbar', False) else None
+        baselines = self.__dict__.setdefault('bicubic_baselines', {})
+        measure_bicubic = with_metrics and self.opt['val'].get('bicubic_baseline') and dataset_name not in baselines
+        bicubic_rows = []
 
         images = []
         for val_data in dataloader:
@@ -214,6 +221,10 @@ class SSIUModel(SRModel):
             if 'gt' in visuals:
                 metric_data['img2'] = tensor2img([visuals['gt']])
                 del self.gt
+            if measure_bicubic:
+                upscaled = imresize(tensor2img([visuals['lq']]), self.opt['scale'])
+                bicubic = {'img': upscaled, 'img2': metric_data['img2']}
+                bicubic_rows.append({name: float(calculate_metric(bicubic, o)) for name, o in metrics_opt.items()})
             del self.lq
             del self.output
             torch.cuda.empty_cache()
@@ -238,6 +249,12 @@ class SSIUModel(SRModel):
                 self._update_best_metric_result(dataset_name, metric, self.metric_results[metric], current_iter)
             self._log_validation_metric_values(current_iter, dataset_name, tb_logger)
             self._write_metrics(dataset_name, current_iter, images)
+        if measure_bicubic:
+            baselines[dataset_name] = {name: sum(r[name] for r in bicubic_rows) / len(bicubic_rows)
+                                       for name in metrics_opt}
+        if dataset_name in baselines:
+            values = '\t'.join(f'# {name}: {value:.4f}' for name, value in baselines[dataset_name].items())
+            get_root_logger().info(f'Bicubic baseline {dataset_name} (MATLAB bicubic of the LR): {values}')
 
     def _visualization_path(self, dataset_name: str, img_name: str, current_iter) -> str:
         if self.opt['is_train']:
