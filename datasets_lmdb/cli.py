@@ -79,7 +79,7 @@ def _guarded(func):
     def run(args: argparse.Namespace) -> int:
         try:
             return func(args)
-        except DataPrepError as err:
+        except (DataPrepError, OSError) as err:
             print(f'ssiu lmdb {args.lmdb_command}: error: {err}', file=sys.stderr)
             return 1
         except KeyboardInterrupt:

@@ -134,6 +134,7 @@ def build_lmdb(folder: str | os.PathLike, lmdb_path: str | os.PathLike, compress
             os.fsync(fout.fileno())
         if lmdb_path.exists():
             old = lmdb_path.with_name(f'.{lmdb_path.name}.old')
+            shutil.rmtree(old, ignore_errors=True)
             os.rename(lmdb_path, old)
             os.rename(tmp, lmdb_path)
             shutil.rmtree(old)
