@@ -72,6 +72,12 @@ def read_image(path: str | os.PathLike, flag: int = cv2.IMREAD_UNCHANGED) -> np.
     return decode_image(data, str(path), flag)
 
 
+def check_compress_level(level: int) -> None:
+    """Reject a PNG compression level outside zlib's 0-9 before any work is done."""
+    if not 0 <= level <= 9:
+        raise DataPrepError(f'--compress-level {level}: must be 0-9')
+
+
 def encode_png(img: np.ndarray, compress_level: int, source: str = 'image') -> bytes:
     """PNG bytes of ``img`` at zlib ``compress_level`` (0-9: 1 is BasicSR's LMDB default, fast to write)."""
     ok, buf = cv2.imencode('.png', img, [cv2.IMWRITE_PNG_COMPRESSION, compress_level])

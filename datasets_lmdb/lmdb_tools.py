@@ -21,6 +21,7 @@ from pathlib import Path
 import lmdb
 from ssiu_arch.datasets_lmdb.files import (
     DataPrepError,
+    check_compress_level,
     decode_image,
     encode_png,
     image_key,
@@ -96,8 +97,7 @@ def build_lmdb(folder: str | os.PathLike, lmdb_path: str | os.PathLike, compress
     lmdb_path = Path(lmdb_path)
     if lmdb_path.suffix != '.lmdb':
         raise DataPrepError(f'{lmdb_path}: an LMDB folder name must end in .lmdb (BasicSR checks it)')
-    if not 0 <= compress_level <= 9:
-        raise DataPrepError(f'--compress-level {compress_level}: must be 0-9')
+    check_compress_level(compress_level)
     if lmdb_path.exists() and not overwrite:
         raise DataPrepError(f'{lmdb_path}: already exists (use --overwrite to replace it)')
     paths = list_images(folder)

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 from ssiu_arch.datasets_lmdb.files import (
     DataPrepError,
+    check_compress_level,
     encode_png,
     list_images,
     parallel_map,
@@ -104,6 +105,7 @@ def extract_subimages(hr_folder: str | os.PathLike, out_hr: str | os.PathLike,
                                 f'scale {scale} so that LR crops fall on whole pixels')
     if thresh_size < 0:
         raise DataPrepError(f'--thresh-size {thresh_size} must be >= 0')
+    check_compress_level(compress_level)
     hr_paths = list_images(hr_folder)
     out_hr = Path(out_hr)
     jobs: list[tuple[Path, Path | None]] = [(p, None) for p in hr_paths]
@@ -142,6 +144,7 @@ def make_lr(hr_folder: str | os.PathLike, out_folder: str | os.PathLike, scales:
     """
     if not scales or any(int(s) != s or s < 2 for s in scales):
         raise DataPrepError(f'--scale {list(scales)}: scales must be integers >= 2')
+    check_compress_level(compress_level)
     hr_paths = list_images(hr_folder)
     out_dirs = {int(s): Path(out_folder) / f'X{int(s)}' for s in scales}
     for out_dir in out_dirs.values():

@@ -155,6 +155,10 @@ def test_build_rejects_corrupt_image_and_leaves_nothing(set5_subimages, tmp_path
 def test_build_rejects_bad_names_and_existing_output(set5_subimages, tmp_path, capsys):
     with pytest.raises(DataPrepError, match=r'must end in \.lmdb'):
         build_lmdb(set5_subimages / 'lr_sub', tmp_path / 'out', progress=False)
+    with pytest.raises(DataPrepError, match='--compress-level 10: must be 0-9'):
+        build_lmdb(set5_subimages / 'lr_sub', tmp_path / 'out.lmdb', compress_level=10, progress=False)
+    assert _run('make-lr', set5_subimages / 'lr_sub', tmp_path / 'lr', '--scale', 1, '--quiet') == 1
+    assert '--scale [1]: scales must be integers >= 2' in capsys.readouterr().err
     folder = tmp_path / 'dup'
     folder.mkdir()
     shutil.copy(set5_subimages / 'lr_sub' / 'baby_s001.png', folder / 'a.png')
