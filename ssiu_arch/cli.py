@@ -10,6 +10,7 @@ import sys
 SUBCOMMAND_MODULES = (
     'ssiu_arch.convert',
     'ssiu_arch.datasets_lmdb.cli',
+    'ssiu_arch.inference',
 )
 
 _BASICSR_USAGE = """usage: basicsr {train,test} -opt OPTIONS.yml [--launcher {none,pytorch,slurm}] [--auto_resume]
