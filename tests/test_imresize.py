@@ -106,6 +106,37 @@ def test_upscale_reproduces_linear_ramp_and_constants():
             assert out.dtype == dtype and np.all(out == value), (dtype, s)
 
 
+# Bicubic baselines of the SR literature (EDSR, RCAN, ... tables), computed with MATLAB: PSNR of the Y channel
+# (MATLAB rgb2ycbcr on uint8, so Y rounded to 8 bits), borders of `scale` pixels ignored.
+PUBLISHED_BICUBIC_PSNR = {('Set5', 2): 33.66, ('Set5', 3): 30.39, ('Set5', 4): 28.42,
+                          ('Set14', 2): 30.24, ('Set14', 3): 27.55, ('Set14', 4): 26.00}
+
+
+def _matlab_y(img: np.ndarray) -> np.ndarray:
+    if img.ndim == 2:
+        return img.astype(np.float64)
+    b, g, r = (img[..., i].astype(np.float64) for i in range(3))
+    return np.floor(16 + (65.481 * r + 128.553 * g + 24.966 * b) / 255 + 0.5)
+
+
+@pytest.mark.parametrize('name', ['Set5', 'Set14'])
+def test_upscaled_published_lr_gives_the_published_bicubic_psnr(data_dir, name):
+    # OpenCV's bicubic (a = -0.75) lands 0.1-0.3 dB away from these figures; the tolerance covers the
+    # rounding of the published two-decimal numbers and small differences between evaluation scripts.
+    for scale in (2, 3, 4):
+        psnrs = []
+        for hr_path in sorted((data_dir / 'benchmark' / name / 'HR').glob('*.png')):
+            lr_path = hr_path.parents[1] / 'LR_bicubic' / f'X{scale}' / f'{hr_path.stem}x{scale}.png'
+            lr = cv2.imread(str(lr_path), cv2.IMREAD_UNCHANGED)
+            hr = cv2.imread(str(hr_path), cv2.IMREAD_UNCHANGED)[:lr.shape[0] * scale, :lr.shape[1] * scale]
+            sr = imresize(lr, scale)
+            assert sr.shape == hr.shape and sr.dtype == np.uint8
+            crop = (slice(scale, -scale), slice(scale, -scale))
+            mse = np.mean((_matlab_y(sr)[crop] - _matlab_y(hr)[crop]) ** 2)
+            psnrs.append(10 * np.log10(255 ** 2 / mse))
+        assert np.mean(psnrs) == pytest.approx(PUBLISHED_BICUBIC_PSNR[name, scale], abs=0.03), (name, scale)
+
+
 def test_integer_types_round_and_saturate():
     # A sharp edge overshoots with the cubic kernel; MATLAB saturates instead of wrapping around.
     edge = np.zeros((8, 8), dtype=np.uint8)
