@@ -59,16 +59,24 @@ def window_partition(x: torch.Tensor, window_size: int) -> torch.Tensor:
 
 
 def window_reverse(tokens: torch.Tensor, window_size: int, h: int, w: int) -> torch.Tensor:
-    """Inverse of :func:`window_partition`: (B * windows, window_size², C) -> (B, C, H, W)."""
+    """Inverse of :func:`window_partition`: (B * windows, window_size², C) -> (B, C, H, W) in channels-last memory.
+
+    Tokens keep their channels innermost, so the channels-last result costs one copy.
+    """
     c = tokens.shape[-1]
     x = tokens.reshape(-1, h // window_size, w // window_size, window_size, window_size, c)
-    return x.permute(0, 5, 1, 3, 2, 4).reshape(-1, c, h, w)
+    return x.transpose(2, 3).reshape(-1, h, w, c).permute(0, 3, 1, 2)
 
 
 def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
-    """ShuffleNet channel shuffle: channel ``g * (C / groups) + i`` moves to ``i * groups + g``."""
+    """ShuffleNet channel shuffle: channel ``g * (C / groups) + i`` moves to ``i * groups + g``.
+
+    Written into ``empty_like(x)`` so that a channels-last input stays channels-last (a reshape would not).
+    """
     b, c, h, w = x.shape
-    return x.reshape(b, groups, c // groups, h, w).transpose(1, 2).reshape(b, c, h, w)
+    out = torch.empty_like(x)
+    out.view(b, c // groups, groups, h, w).copy_(x.reshape(b, groups, c // groups, h, w).transpose(1, 2))
+    return out
 
 
 class AttentionMap(nn.Module):

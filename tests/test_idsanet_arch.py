@@ -126,11 +126,16 @@ def test_window_partition_layout_and_inverse():
     torch.testing.assert_close(tokens[1], x[0, :, :4, 4:8].flatten(1).t())  # second window of the first image
     torch.testing.assert_close(tokens[6], x[1, :, :4, :4].flatten(1).t())
     torch.testing.assert_close(window_reverse(tokens, 4, 8, 12), x)
+    assert window_reverse(tokens, 4, 8, 12).is_contiguous(memory_format=torch.channels_last)
 
 
 def test_channel_shuffle_interleaves_groups():
     x = torch.arange(8, dtype=torch.float32).reshape(1, 8, 1, 1)
     assert channel_shuffle(x, 4).flatten().tolist() == [0, 2, 4, 6, 1, 3, 5, 7]
+    x = torch.rand(2, 8, 3, 5)
+    shuffled = channel_shuffle(x.contiguous(memory_format=torch.channels_last), 2)
+    assert shuffled.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(shuffled, x[:, [0, 4, 1, 5, 2, 6, 3, 7]])
 
 
 @pytest.mark.parametrize('kw, option', [
