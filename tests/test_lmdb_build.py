@@ -1,6 +1,7 @@
 """``ssiu lmdb``: sub-images, bicubic LR, LMDB build and verify on real images, read back by BasicSR."""
 from __future__ import annotations
 
+import contextlib
 import gc
 import resource
 import shutil
@@ -214,18 +215,31 @@ def test_build_help_states_the_rerun_policy(capsys):
     assert 'rerunning deletes such a leftover and starts clean' in help_text
 
 
-def test_disk_full_during_build_names_the_output_and_leaves_nothing(set5_subimages, tmp_path):
-    out = tmp_path / 'full.lmdb'
+@contextlib.contextmanager
+def _file_size_limit(limit: int):
+    """Writes past ``limit`` bytes in any file fail (EFBIG), as on a full disk."""
     limits = resource.getrlimit(resource.RLIMIT_FSIZE)
     handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, limits[1]))  # files may not grow past 200 kB
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limits[1]))
     try:
-        with pytest.raises(DataPrepError, match=r'full\.lmdb: write failed while adding .*hr_sub'):
-            build_lmdb(set5_subimages / 'hr_sub', out, batch=4, progress=False)
+        yield
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, limits)
         signal.signal(signal.SIGXFSZ, handler)
+
+
+def test_disk_full_during_build_names_the_output_and_leaves_nothing(set5_subimages, tmp_path):
+    out = tmp_path / 'full.lmdb'
+    with _file_size_limit(200_000), pytest.raises(DataPrepError, match=r'full\.lmdb: write failed while adding'):
+        build_lmdb(set5_subimages / 'hr_sub', out, batch=4, progress=False)
     assert not out.exists() and not building_path(out).exists()
+
+
+def test_disk_full_during_extract_names_the_file_and_leaves_no_partial_file(data_dir, tmp_path):
+    out = tmp_path / 'sub'
+    with _file_size_limit(20_000), pytest.raises(DataPrepError, match=r'baby_s001\.png: cannot write'):
+        extract_subimages(data_dir / 'benchmark' / 'Set5' / 'HR', out, crop_size=256, step=256, progress=False)
+    assert list(out.iterdir()) == []
 
 
 def test_extract_errors_name_the_file(data_dir, tmp_path, capsys):
