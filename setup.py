@@ -24,6 +24,7 @@ setup(
         'ssiu_arch.losses': 'losses',
         'ssiu_arch.datasets_lmdb': 'datasets_lmdb',
     },
+    package_data={'ssiu_arch': ['data/*.csv']},
     install_requires=[
         # torch 2.13.0 has a CPU wheel; an open range pulls a multi-GB CUDA build on CPU-only machines.
         'torch==2.13.0',
