@@ -10,6 +10,7 @@ import sys
 SUBCOMMAND_MODULES = (
     'ssiu_arch.convert',
     'ssiu_arch.datasets_lmdb.cli',
+    'ssiu_arch.evaluation',
     'ssiu_arch.inference',
 )
 
