@@ -29,6 +29,8 @@ import torch.nn.functional as F
 from basicsr.metrics import calculate_psnr, calculate_ssim
 from basicsr.utils import imfrombytes
 
+from ssiu_arch.datasets_lmdb.imresize import imresize
+
 DATASETS = ('Set5', 'Set14', 'B100', 'Urban100', 'Manga109')
 PUBLISHED_CSV = Path(__file__).with_name('data') / 'published_results.csv'
 IMAGE_SUFFIXES = ('.png', '.bmp', '.jpg', '.jpeg', '.tif', '.tiff')
@@ -279,8 +281,6 @@ def read_image(path: Path) -> np.ndarray:
 
 def bicubic_upscale(lr: np.ndarray, scale: int) -> np.ndarray:
     """MATLAB ``imresize(lr, s, 'bicubic')`` of an 8-bit image (the resize of ``ssiu lmdb make-lr``)."""
-    from ssiu_arch.datasets_lmdb.imresize import imresize
-
     return imresize(lr, scale)
 
 
