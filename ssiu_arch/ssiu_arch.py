@@ -11,17 +11,115 @@ estimates of three steps before a pixel-shuffle reconstruction.
 
 Parameter names follow the published checkpoints (``head``, ``body.N.{norm,s1,s2,s3,s4,ffn}``,
 ``moe``, ``tail``), so a published state dict loads with ``strict=True`` once its ``module.`` prefix
-is removed (see :mod:`ssiu_arch.convert`). All layers run in any memory format; the network is fastest
-in ``torch.channels_last`` on CPU.
+is removed (see :mod:`ssiu_arch.convert`).
+
+Speed: the network is mostly 1x1 convolutions of 64 channels, whose cost on CPU is memory traffic. Inside
+:class:`SSIU` every feature map is therefore channels-last ``(B, H, W, C)``, so that a 1x1 convolution is a
+single matrix product over contiguous pixels; elementwise work is folded into those products (GELU, gating
+product and residual sums as oneDNN post-ops at inference, per-channel biases moved across linear maps);
+reflect padding is never materialised at full size (:func:`conv2d_reflect`). Results equal the published
+network up to float32 rounding.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
 from basicsr.utils.registry import ARCH_REGISTRY
 from torch import nn
 
-__all__ = ['SSIU', 'expert_steps_for', 'pad_to_multiple']
+__all__ = ['SSIU', 'conv2d_reflect', 'expert_steps_for', 'pad_to_multiple']
+
+try:  # oneDNN convolutions with fused epilogues (the CPU kernels torch.compile emits)
+    _ONEDNN_CONV = torch.ops.mkldnn._convolution_pointwise
+    _ONEDNN_CONV_ADD_ = torch.ops.mkldnn._convolution_pointwise_.binary
+except (AttributeError, RuntimeError):
+    _ONEDNN_CONV = _ONEDNN_CONV_ADD_ = None
+_POINTWISE = ([0, 0], [1, 1], [1, 1], 1)  # padding, stride, dilation, groups of a 1x1 convolution
+
+
+def _onednn_applies(*tensors: torch.Tensor | None) -> bool:
+    """Whether the fused oneDNN kernels may compute a product: float32 CPU inference outside tracing.
+
+    They have no autograd formula and no ONNX export, so training, tracing and exporting compose the same
+    product from standard operators instead.
+    """
+    x = tensors[0]
+    return (_ONEDNN_CONV is not None and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+            and x.device.type == 'cpu' and x.dtype == torch.float32 and x.dim() == 4
+            and all(t is None or t.is_contiguous() for t in tensors)
+            and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
+            and not torch.jit.is_tracing() and not torch.compiler.is_compiling())
+
+
+def _add_(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``x + y``; ``x`` is consumed: outside autograd the sum is written into it, saving a full-size buffer."""
+    return x + y if torch.is_grad_enabled() else x.add_(y)
+
+
+def linear_nhwc(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    gelu: bool = False,
+    mul: torch.Tensor | None = None,
+    add: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """1x1 convolution of a channels-last ``(B, H, W, C_in)`` tensor with an optional fused epilogue.
+
+    Returns ``GELU(x @ weight.T + bias)`` if ``gelu``, else ``(x @ weight.T + bias) * mul`` or ``... + add``
+    (at most one epilogue). ``weight`` is ``(C_out, C_in)``. ``add`` is consumed: at inference the result is
+    accumulated into its storage (unless that is also the storage of ``x``).
+    """
+    if _onednn_applies(x, weight, bias, mul, add):
+        x, weight = x.permute(0, 3, 1, 2), weight[:, :, None, None]
+        if add is not None and add.untyped_storage().data_ptr() != x.untyped_storage().data_ptr():
+            out = _ONEDNN_CONV_ADD_(add.permute(0, 3, 1, 2), x, weight, bias, *_POINTWISE, 'add', None, None, [], None)
+        elif add is not None or mul is not None:
+            attr, other = ('add', add) if add is not None else ('mul', mul)
+            out = _ONEDNN_CONV.binary(x, other.permute(0, 3, 1, 2), weight, bias, *_POINTWISE, attr, None, None, [],
+                                      None)
+        else:
+            out = _ONEDNN_CONV(x, weight, bias, *_POINTWISE, 'gelu' if gelu else 'none', [], 'none' if gelu else None)
+        return out.permute(0, 2, 3, 1)
+    out = F.linear(x, weight, bias)
+    if gelu:
+        out = F.gelu(out)
+    if mul is not None:
+        out = out * mul
+    if add is not None:
+        out = out + add
+    return out
+
+
+def conv2d_reflect(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, groups: int = 1
+) -> torch.Tensor:
+    """``nn.Conv2d(padding=k // 2, padding_mode='reflect')`` on a channels-last ``(B, H, W, C)`` tensor.
+
+    Instead of a reflect-padded copy of the whole map, the map is convolved with zero padding and its border
+    rows and columns (``k // 2`` wide) are recomputed from reflect-padded strips: the same values, without
+    the full-size copy. Maps narrower than two borders are padded whole.
+    """
+    x = x.permute(0, 3, 1, 2)
+    p = weight.shape[-1] // 2
+    h, w = x.shape[-2:]
+    if p == 0:
+        return F.conv2d(x, weight, bias, groups=groups).permute(0, 2, 3, 1)
+    if min(h, w) < 2 * p:
+        return F.conv2d(F.pad(x, (p,) * 4, mode='reflect'), weight, bias, groups=groups).permute(0, 2, 3, 1)
+    out = F.conv2d(x, weight, bias, padding=p, groups=groups)
+    out[:, :, :p] = F.conv2d(F.pad(x[:, :, :2 * p], (p, p, p, 0), mode='reflect'), weight, bias, groups=groups)
+    out[:, :, -p:] = F.conv2d(F.pad(x[:, :, -2 * p:], (p, p, 0, p), mode='reflect'), weight, bias, groups=groups)
+    out[..., :p] = F.conv2d(F.pad(x[..., :2 * p], (p, 0, p, p), mode='reflect'), weight, bias, groups=groups)
+    out[..., -p:] = F.conv2d(F.pad(x[..., -2 * p:], (0, p, p, p), mode='reflect'), weight, bias, groups=groups)
+    return out.permute(0, 2, 3, 1)
+
+
+def _matrix(conv: nn.Conv2d) -> torch.Tensor:
+    """Weight of a 1x1 convolution as a ``(C_out, C_in)`` matrix."""
+    return conv.weight.flatten(1)
 
 
 def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
@@ -66,22 +164,20 @@ def expert_steps_for(num_block: int) -> tuple[int, int, int]:
 
 
 class ChannelLayerNorm(nn.Module):
-    """LayerNorm over the channels of an NCHW tensor (the ``WithBias`` norm of the reference, eps 1e-6)."""
+    """LayerNorm over the channels of a channels-last (B, H, W, C) map (the ``WithBias`` norm of the reference)."""
 
     def __init__(self, num_feat: int, eps: float = 1e-6) -> None:
         super().__init__()
         self.body = nn.LayerNorm(num_feat, eps=eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return self.body(x)
 
 
 class MSGM(nn.Module):
-    """Mixed-Scale Gating Module: ``out = W_o(GELU(W_1 x) * W_3 DW_k(W_2 x))``, (B, C, H, W) -> (B, C, H, W).
+    """Mixed-Scale Gating Module: ``out = W_o(GELU(W_1 x) * W_3 DW_k(W_2 x))``, (B, H, W, C) -> (B, H, W, C).
 
     The GELU branch sees one pixel, the gated branch a ``kernel_size`` neighbourhood (reflect padded).
-    Its two input projections share the input; :meth:`input_projection` returns them stacked so that
-    a caller can run them, and those of other MSGMs on the same input, as one 1x1 convolution.
     """
 
     def __init__(self, num_feat: int, expansion: float = 1.0, kernel_size: int = 3, ratio: float = 1.0) -> None:
@@ -95,28 +191,30 @@ class MSGM(nn.Module):
         )
         self.project_out = nn.Conv2d(hidden, num_feat, 1)
 
-    def input_projection(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Weight and bias of ``project_in1`` and ``project_in2[0]`` stacked along the output channels."""
-        first = self.project_in2[0]
-        return (
-            torch.cat([self.project_in1.weight, first.weight]),
-            torch.cat([self.project_in1.bias, first.bias]),
-        )
+    def gated(self, x: torch.Tensor, shift: torch.Tensor | None = None) -> torch.Tensor:
+        """``GELU(W_1 x') * W_3 DW_k(W_2 x')`` for ``x' = x + shift``: the module before ``project_out``.
 
-    def forward_projected(self, projected: torch.Tensor) -> torch.Tensor:
-        """The module after its input projections; ``projected`` is their stacked output."""
-        gate, value = projected.split([self.project_in1.out_channels, self.project_in2[0].out_channels], dim=1)
-        value = self.project_in2[2](self.project_in2[1](value))
-        return self.project_out(F.gelu(gate) * value)
+        ``shift`` (C,) is a per-channel offset of the input, folded into the input projection biases.
+        """
+        reduce, depthwise, expand = self.project_in2
+        gate_weight, gate_bias = _matrix(self.project_in1), self.project_in1.bias
+        value_weight, value_bias = _matrix(reduce), reduce.bias
+        if shift is not None:
+            gate_bias, value_bias = gate_bias + gate_weight @ shift, value_bias + value_weight @ shift
+        gate = linear_nhwc(x, gate_weight, gate_bias, gelu=True)
+        value = conv2d_reflect(linear_nhwc(x, value_weight, value_bias), depthwise.weight, depthwise.bias,
+                               groups=depthwise.groups)
+        return linear_nhwc(value, _matrix(expand), expand.bias, mul=gate)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_projected(F.conv2d(x, *self.input_projection()))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """The module output, plus ``residual`` if given (summed inside the output projection)."""
+        return linear_nhwc(self.gated(x), _matrix(self.project_out), self.project_out.bias, add=residual)
 
 
 class ESAM(nn.Module):
     """Efficient Sparse Attention Module: halo block attention at reduced resolution.
 
-    (B, C, H, W) -> (B, C, H, W), with H and W multiples of ``block_size * downsample``. Features are
+    (B, H, W, C) -> (B, H, W, C), with H and W multiples of ``block_size * downsample``. Features are
     max-pooled by ``downsample``; each ``block_size``² block of queries attends to the keys of the
     block grown by ``halo`` pixels on each side (zero-padded at the border), with learned row (first
     half of each head's channels) and column (second half) embeddings added to the keys. The result
@@ -148,47 +246,53 @@ class ESAM(nn.Module):
             )
 
     def key_embedding(self) -> torch.Tensor:
-        """Positional embedding added to every key window: (window², head_dim)."""
+        """Positional embedding added to every key window: (window, window, head_dim)."""
         window = self.rel_h.shape[1]
         rows = self.rel_h[0].expand(-1, window, -1)
         cols = self.rel_w[0].expand(window, -1, -1)
-        return torch.cat([rows, cols], dim=-1).flatten(0, 1)
+        return torch.cat([rows, cols], dim=-1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, shift: torch.Tensor | None = None) -> torch.Tensor:
+        """ESAM of ``x + shift``; ``shift`` (C,) commutes with max-pooling and is folded into the qkv projection."""
         if self.downsample > 1:
-            x = F.max_pool2d(x, 2, self.downsample)
-        b, c, h, w = x.shape
+            x = F.max_pool2d(x.permute(0, 3, 1, 2), 2, self.downsample).permute(0, 2, 3, 1)
+        b, h, w, c = x.shape
         bs, halo, heads = self.block_size, self.halo, self.num_heads
         if h % bs or w % bs:
             raise ValueError(f'ESAM input {h}x{w} (after pooling) is not a multiple of block_size {bs}')
         nh, nw, head_dim, window = h // bs, w // bs, c // heads, bs + 2 * halo
-        q, k, v = self.qkv_conv(x).chunk(3, dim=1)
+        qkv_weight = _matrix(self.qkv_conv)
+        qkv = linear_nhwc(x, qkv_weight, None if shift is None else qkv_weight @ shift)
         # Queries: (B * blocks, heads, bs², head_dim).
-        q = q.reshape(b, heads, head_dim, nh, bs, nw, bs).permute(0, 3, 5, 1, 4, 6, 2).reshape(
-            b * nh * nw, heads, bs * bs, head_dim)
-
+        q = qkv[..., :c].reshape(b, nh, bs, nw, bs, heads, head_dim).permute(0, 1, 3, 5, 2, 4, 6)
+        q = q.reshape(b * nh * nw, heads, bs * bs, head_dim)
         # Keys and values: overlapping (bs + 2 halo)² windows with stride bs over the zero-padded map.
-        def windows(t: torch.Tensor) -> torch.Tensor:
-            t = F.pad(t, (halo, halo, halo, halo)).unfold(2, window, bs).unfold(3, window, bs)
-            t = t.reshape(b, heads, head_dim, nh, nw, window, window).permute(0, 3, 4, 1, 5, 6, 2)
-            return t.reshape(b * nh * nw, heads, window * window, head_dim)
-
-        k = windows(k) + self.key_embedding()
-        out = F.scaled_dot_product_attention(q, k, windows(v))
-        out = out.reshape(b, nh, nw, heads, bs, bs, head_dim).permute(0, 3, 6, 1, 4, 2, 5).reshape(b, c, h, w)
+        kv = F.pad(qkv[..., c:], (0, 0, halo, halo, halo, halo)).unfold(1, window, bs).unfold(2, window, bs)
+        kv = kv.reshape(b, nh, nw, 2, heads, head_dim, window, window).permute(3, 0, 1, 2, 4, 6, 7, 5)
+        k = kv[0].reshape(b * nh * nw, heads, window, window, head_dim) + self.key_embedding()
+        v = kv[1].reshape(b * nh * nw, heads, window * window, head_dim)
+        out = F.scaled_dot_product_attention(q, k.flatten(2, 3), v)
+        out = out.view(b, nh, nw, heads, bs, bs, head_dim).permute(0, 1, 4, 2, 5, 3, 6)
+        out = out.clone(memory_format=torch.contiguous_format).view(b, h, w, c)  # a new tensor in every case
         if self.downsample > 1:
-            out = self.LocalProp(out)
+            depthwise, upsample = self.LocalProp
+            out = conv2d_reflect(out, depthwise.weight, depthwise.bias, groups=depthwise.groups)
+            out = upsample(out.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         return out
 
 
 class SSRMStep(nn.Module):
-    """One unfolding step (SSRM) of the structural-similarity objective, (B, C, H, W) -> (B, C, H, W).
+    """One unfolding step (SSRM) of the structural-similarity objective, (B, H, W, C) -> (B, H, W, C).
 
     With ``a`` the current estimate and ``y`` the head (observation) features::
 
         a' = LN(a); z = MSGM_1(a'); b = MSGM_2(a')      # structure / luminance terms
         v = a' + z + y; v = v + ESAM(v)                  # data-consistent update, sparse long-range
         a = MSGM_4(v - b) + b; a = a + MSGM_ffn(a)       # proximal refinement
+
+    Every sum is taken inside a 1x1 projection, and the output biases of MSGM_1 and MSGM_2 are carried to
+    where they meet a linear map (ESAM's qkv projection, MSGM_4's input projections) instead of being added
+    to full-size maps.
     """
 
     def __init__(
@@ -211,19 +315,18 @@ class SSRMStep(nn.Module):
 
     def forward(self, a: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         a = self.norm(a)
-        (w1, b1), (w2, b2) = self.s1.input_projection(), self.s2.input_projection()
-        z_in, b_in = F.conv2d(a, torch.cat([w1, w2]), torch.cat([b1, b2])).split([w1.shape[0], w2.shape[0]], dim=1)
-        z, b = self.s1.forward_projected(z_in), self.s2.forward_projected(b_in)
-        v = a + z + y
-        v = self.s3(v) + v
-        a = self.s4(v - b) + b
-        return self.ffn(a) + a
+        out1, out2, out4 = self.s1.project_out, self.s2.project_out, self.s4.project_out
+        b = linear_nhwc(self.s2.gated(a), _matrix(out2))  # b - out2.bias
+        v = linear_nhwc(self.s1.gated(a), _matrix(out1), add=_add_(a, y))  # v - out1.bias
+        u = self.s3(v, shift=out1.bias).add_(v).sub_(b)  # v - b - out1.bias + out2.bias
+        a = linear_nhwc(self.s4.gated(u, shift=out1.bias - out2.bias), _matrix(out4), out4.bias + out2.bias, add=b)
+        return self.ffn(a, residual=a)
 
 
 class MoEFeatureSelector(nn.Module):
     """MoE-FS: per-pixel, per-channel softmax gate over three step estimates, then a residual 1x1 fuse.
 
-    Three (B, C, H, W) experts -> (B, C, H, W) output and (B, 3, C, H, W) gate probabilities.
+    Three (B, H, W, C) experts -> (B, H, W, C) output and (B, H, W, 3, C) gate probabilities.
     """
 
     def __init__(self, num_feat: int) -> None:
@@ -233,11 +336,18 @@ class MoEFeatureSelector(nn.Module):
         self.fc_c = nn.Conv2d(num_feat, num_feat, 1)
         self.fuse = nn.Conv2d(num_feat, num_feat, 1)
 
-    def forward(self, experts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = torch.stack([fc(e) for fc, e in zip((self.fc_a, self.fc_b, self.fc_c), experts)], dim=1)
-        gates = logits.softmax(dim=1)
-        out = sum(gates[:, i] * e for i, e in enumerate(experts))
-        return self.fuse(out) + out, gates
+    def forward(
+        self, experts: list[torch.Tensor], residual: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``fuse(out) + out`` (plus ``residual`` if given) for the gated sum ``out``, and the gates."""
+        fcs = (self.fc_a, self.fc_b, self.fc_c)
+        gates = torch.stack([linear_nhwc(e, _matrix(fc), fc.bias) for fc, e in zip(fcs, experts)], dim=-2)
+        gates = gates.softmax(dim=-2)
+        out = gates[..., 0, :] * experts[0]
+        for i in (1, 2):
+            out = out.addcmul(gates[..., i, :], experts[i])
+        skip = out.clone() if residual is None else out + residual
+        return linear_nhwc(out, _matrix(self.fuse), self.fuse.bias, add=skip), gates
 
 
 @ARCH_REGISTRY.register()
@@ -302,6 +412,30 @@ class SSIU(nn.Module):
         layers.append(nn.Conv2d(num_feat, num_out_ch, 3, padding=1, padding_mode='reflect'))
         return layers
 
+    def reconstruct(self, feat: torch.Tensor) -> torch.Tensor:
+        """The tail on channels-last features (B, H, W, C) -> (B, num_out_ch, sH, sW).
+
+        Pixel shuffle only moves pixels, so the 1x1 convolutions and GELUs of all stages run on the
+        unshuffled maps, with output channels reordered so that one copy of whole C-vectors then does
+        every shuffle at once.
+        """
+        *stages, last = self.tail
+        b, h, w, c = feat.shape
+        factors = []
+        for conv, shuffle in zip(stages[0::3], stages[1::3]):
+            r = shuffle.upscale_factor
+            weight = conv.weight.view(-1, r, r, c).permute(1, 2, 0, 3).reshape(conv.out_channels, c)
+            bias = conv.bias.view(-1, r, r).permute(1, 2, 0).reshape(-1)
+            feat = linear_nhwc(feat.reshape(b, h, -1, c), weight, bias, gelu=True)
+            c = conv.out_channels // (r * r)
+            factors.append(r)
+        # (B, H, W, i1, j1, i2, j2, ..., C) -> (B, H, i1, i2, ..., W, j1, j2, ..., C): one copy for all stages
+        feat = feat.reshape(b, h, w, *(r for r in factors for _ in 'ij'), c)
+        rows, cols = range(3, 3 + 2 * len(factors), 2), range(4, 4 + 2 * len(factors), 2)
+        scale = math.prod(factors)
+        feat = feat.permute(0, 1, *rows, 2, *cols, feat.dim() - 1).reshape(b, h * scale, w * scale, c)
+        return conv2d_reflect(feat, last.weight, last.bias).permute(0, 3, 1, 2)
+
     def forward(self, x: torch.Tensor, return_aux: bool = False):
         """Super-resolve ``x``.
 
@@ -312,7 +446,7 @@ class SSIU(nn.Module):
         """
         h, w = x.shape[-2:]
         x = pad_to_multiple(x, self.pad_multiple)
-        y = self.head(x)
+        y = conv2d_reflect(x.permute(0, 2, 3, 1).contiguous(), self.head.weight, self.head.bias)
         estimates = {0: y}
         a = y
         for step, block in enumerate(self.body, start=1):
@@ -320,11 +454,11 @@ class SSIU(nn.Module):
             if step in self.expert_steps:
                 estimates[step] = a
         experts = [estimates[s] for s in self.expert_steps]
-        fused, gates = self.moe(experts)
+        fused, gates = self.moe(experts, residual=y)
         skip = F.interpolate(x, scale_factor=self.upscale, mode='bilinear', align_corners=False)
         s = self.upscale
-        out = (self.tail(fused + y) + skip)[..., :h * s, :w * s]
+        out = (skip + self.reconstruct(fused))[..., :h * s, :w * s]
         if not return_aux:
             return out
-        steps = [(self.tail(e + y) + skip)[..., :h * s, :w * s] for e in experts]
-        return out, {'gates': gates[..., :h, :w], 'step_outputs': steps}
+        steps = [(skip + self.reconstruct(e + y))[..., :h * s, :w * s] for e in experts]
+        return out, {'gates': gates.permute(0, 3, 4, 1, 2)[..., :h, :w], 'step_outputs': steps}
