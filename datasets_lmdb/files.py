@@ -11,6 +11,8 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from ssiu_arch.fileio import write_bytes_atomic
+
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp', '.ppm', '.pgm')
 _SCALE_SUFFIX = re.compile(r'^(.*)x(\d+)$')
 
@@ -88,16 +90,10 @@ def encode_png(img: np.ndarray, compress_level: int, source: str = 'image') -> b
 
 def write_atomic(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to a hidden temporary file beside ``path``, then rename it: never a half-written file."""
-    path = Path(path)
-    tmp = path.with_name(f'.{path.name}.partial')
     try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    except BaseException as err:
-        tmp.unlink(missing_ok=True)
-        if isinstance(err, OSError):
-            raise DataPrepError(f'{path}: cannot write ({err.strerror or err})') from None
-        raise
+        write_bytes_atomic(path, data)
+    except OSError as err:
+        raise DataPrepError(f'{path}: cannot write ({err.strerror or err})') from None
 
 
 def image_shape(img: np.ndarray) -> tuple[int, int, int]:

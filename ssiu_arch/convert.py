@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from ssiu_arch.fileio import save_atomic
 from ssiu_arch.ssiu_arch import SSIU
 
 _BLOCK_KEY = re.compile(r'^body\.(\d+)\.')
@@ -76,17 +77,6 @@ def load_ssiu(path: str | os.PathLike, **overrides) -> SSIU:
     except RuntimeError as err:
         raise CheckpointError(f'{path}: does not fit SSIU{infer_config(state)}: {err}') from None
     return net
-
-
-def save_atomic(obj: object, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary name in the same folder, then rename: no half-written file."""
-    path = Path(path)
-    tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike) -> dict[str, int]:

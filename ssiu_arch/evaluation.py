@@ -19,7 +19,7 @@ import io
 import json
 import os
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +30,7 @@ from basicsr.metrics import calculate_psnr, calculate_ssim
 from basicsr.utils import imfrombytes
 
 from ssiu_arch.datasets_lmdb.imresize import imresize
+from ssiu_arch.fileio import replace_atomic, write_text_atomic
 
 DATASETS = ('Set5', 'Set14', 'B100', 'Urban100', 'Manga109')
 PUBLISHED_CSV = Path(__file__).with_name('data') / 'published_results.csv'
@@ -446,22 +447,6 @@ def table_csv(entries: Sequence[Entry], datasets: Sequence[str] = DATASETS) -> s
             row[f'{d.lower()}_psnr'], row[f'{d.lower()}_ssim'] = e.psnr.get(d), e.ssim.get(d)
         writer.writerow({k: int(v) if isinstance(v, float) and v.is_integer() else v for k, v in row.items()})
     return buffer.getvalue()
-
-
-def replace_atomic(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp)`` for a temporary name beside ``path``, then rename: never a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    replace_atomic(path, lambda tmp: tmp.write_text(text, encoding='utf-8'))
 
 
 def plot_tradeoff(entries: Sequence[Entry], path: str | os.PathLike, dataset: str = 'Urban100', scale: int = 4,

@@ -18,6 +18,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from ssiu_arch.fileio import write_bytes_atomic
+
 __all__ = ['ImageError', 'check_tiling', 'collect_inputs', 'infer_paths', 'read_image', 'tile_spans', 'upscale_image',
            'write_png']
 
@@ -187,12 +189,7 @@ def write_png(img: np.ndarray, path: Path) -> None:
     ok, data = cv2.imencode('.png', img)
     if not ok:
         raise ImageError(f'OpenCV could not encode a {img.dtype} image of shape {img.shape} as PNG')
-    tmp = path.with_name(f'.{path.stem}.tmp{os.getpid()}.png')
-    try:
-        data.tofile(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_bytes_atomic(path, data.tobytes())
 
 
 def infer_paths(

@@ -19,7 +19,6 @@ import csv
 import inspect
 import io
 import json
-import os
 import time
 from collections import OrderedDict
 from os import path as osp
@@ -35,8 +34,8 @@ from basicsr.utils.registry import MODEL_REGISTRY
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from ssiu_arch.convert import save_atomic
 from ssiu_arch.datasets_lmdb.imresize import imresize
+from ssiu_arch.fileio import save_atomic, write_text_atomic
 from ssiu_arch.ssiu_arch import SSIU, pad_to_multiple
 
 __all__ = ['SSIUModel']
@@ -44,18 +43,6 @@ __all__ = ['SSIUModel']
 # train.<key> -> (attribute, log name) of each loss SSIUModel builds
 LOSSES = OrderedDict([('pixel_opt', ('cri_pix', 'l_pix')), ('fft_opt', ('cri_fft', 'l_fft')),
                       ('ssim_opt', ('cri_ssim', 'l_ssim')), ('moe_opt', ('cri_moe', 'l_moe'))])
-
-
-def _write_text_atomic(path: str, text: str) -> None:
-    """Write ``text`` to a temporary name beside ``path``, then rename it over ``path``."""
-    tmp = osp.join(osp.dirname(path), f'.{osp.basename(path)}.tmp{os.getpid()}')
-    try:
-        with open(tmp, 'w', encoding='utf-8', newline='') as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if osp.exists(tmp):
-            os.remove(tmp)
 
 
 @MODEL_REGISTRY.register()
@@ -280,12 +267,12 @@ class SSIUModel(SRModel):
             'mean': {name: float(self.metric_results[name]) for name in names},
         }
         stem = osp.join(self.opt['path']['log'], f'metrics_{dataset_name}')
-        _write_text_atomic(f'{stem}.json', json.dumps(record, indent=2) + '\n')
+        write_text_atomic(f'{stem}.json', json.dumps(record, indent=2) + '\n')
         table = io.StringIO()
         writer = csv.DictWriter(table, fieldnames=['name', *names], lineterminator='\n')
         writer.writeheader()
         writer.writerows(images)
-        _write_text_atomic(f'{stem}.csv', table.getvalue())
+        write_text_atomic(f'{stem}.csv', table.getvalue())
         get_root_logger().info(f'Per-image metrics of {dataset_name} written to {stem}.json and .csv')
 
     def _save_atomic_with_retry(self, obj: object, save_path: str) -> None:
