@@ -37,6 +37,8 @@ try:  # oneDNN convolutions with fused epilogues (the CPU kernels torch.compile 
 except (AttributeError, RuntimeError):
     _ONEDNN_CONV = _ONEDNN_CONV_ADD_ = None
 _POINTWISE = ([0, 0], [1, 1], [1, 1], 1)  # padding, stride, dilation, groups of a 1x1 convolution
+# HR pixels per band of the tail (a 64-channel band is 16 MiB): bands small enough for the allocator to reuse.
+TAIL_BAND_PIXELS = 1 << 16
 
 
 def _onednn_applies(*tensors: torch.Tensor | None) -> bool:
@@ -412,14 +414,14 @@ class SSIU(nn.Module):
         layers.append(nn.Conv2d(num_feat, num_out_ch, 3, padding=1, padding_mode='reflect'))
         return layers
 
-    def reconstruct(self, feat: torch.Tensor) -> torch.Tensor:
-        """The tail on channels-last features (B, H, W, C) -> (B, num_out_ch, sH, sW).
+    def _upsample_band(self, feat: torch.Tensor) -> torch.Tensor:
+        """HR features of a band of LR rows, (B, h, w, C) -> (B, 2 + sh, 1 + sw + 1, C'), column-reflect padded.
 
         Pixel shuffle only moves pixels, so the 1x1 convolutions and GELUs of all stages run on the
-        unshuffled maps, with output channels reordered so that one copy of whole C-vectors then does
-        every shuffle at once.
+        unshuffled map, with output channels reordered so that one copy of whole C-vectors then does every
+        shuffle at once, straight into the padded buffer. Its first two rows are left for the caller.
         """
-        *stages, last = self.tail
+        *stages, _ = self.tail
         b, h, w, c = feat.shape
         factors = []
         for conv, shuffle in zip(stages[0::3], stages[1::3]):
@@ -429,12 +431,44 @@ class SSIU(nn.Module):
             feat = linear_nhwc(feat.reshape(b, h, -1, c), weight, bias, gelu=True)
             c = conv.out_channels // (r * r)
             factors.append(r)
-        # (B, H, W, i1, j1, i2, j2, ..., C) -> (B, H, i1, i2, ..., W, j1, j2, ..., C): one copy for all stages
+        s = math.prod(factors)
+        # (B, h, w, i1, j1, i2, j2, ..., C) -> (B, h, i1, i2, ..., w, j1, j2, ..., C)
         feat = feat.reshape(b, h, w, *(r for r in factors for _ in 'ij'), c)
         rows, cols = range(3, 3 + 2 * len(factors), 2), range(4, 4 + 2 * len(factors), 2)
-        scale = math.prod(factors)
-        feat = feat.permute(0, 1, *rows, 2, *cols, feat.dim() - 1).reshape(b, h * scale, w * scale, c)
-        return conv2d_reflect(feat, last.weight, last.bias).permute(0, 3, 1, 2)
+        feat = feat.permute(0, 1, *rows, 2, *cols, feat.dim() - 1)
+        out = feat.new_empty(b, 2 + h * s, 2 + w * s, c)
+        out[:, 2:, 1:-1].view(feat.shape).copy_(feat)
+        out[:, 2:, 0], out[:, 2:, -1] = out[:, 2:, 2], out[:, 2:, -3]
+        return out
+
+    def reconstruct(self, feat: torch.Tensor) -> torch.Tensor:
+        """The tail on channels-last features (B, H, W, C) -> (B, num_out_ch, sH, sW).
+
+        It runs on bands of LR rows whose HR features take about ``TAIL_BAND_PIXELS`` pixels, so that no
+        full-size HR feature map is ever allocated. The 3x3 convolution of each band is delayed by one HR
+        row, which it takes from the next band: the result is the whole-image convolution with reflect
+        padding, row for row.
+        """
+        last = self.tail[-1]
+        b, h, w, _ = feat.shape
+        s = self.upscale
+        out = feat.new_empty(b, last.out_channels, h * s, w * s)
+        band_rows = max(2, TAIL_BAND_PIXELS // (w * s * s))
+        carry, done = None, 0
+        for r0 in range(0, h, band_rows):
+            band = self._upsample_band(feat[:, r0:r0 + band_rows])
+            if carry is None:
+                band[:, 1] = band[:, 3]  # reflection of HR row 1 above row 0
+                rows = F.conv2d(band[:, 1:].permute(0, 3, 1, 2), last.weight, last.bias)
+            else:
+                band[:, :2] = carry
+                rows = F.conv2d(band.permute(0, 3, 1, 2), last.weight, last.bias)
+            out[:, :, done:done + rows.shape[2]] = rows
+            done += rows.shape[2]
+            carry = band[:, -2:]
+        bottom = torch.cat([carry, carry[:, :1]], dim=1)  # reflection of the row before last below the last
+        out[:, :, done:] = F.conv2d(bottom.permute(0, 3, 1, 2), last.weight, last.bias)
+        return out
 
     def forward(self, x: torch.Tensor, return_aux: bool = False):
         """Super-resolve ``x``.
