@@ -22,8 +22,6 @@ network up to float32 rounding.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from basicsr.utils.registry import ARCH_REGISTRY
@@ -102,14 +100,14 @@ def conv2d_reflect(
 
     Instead of a reflect-padded copy of the whole map, the map is convolved with zero padding and its border
     rows and columns (``k // 2`` wide) are recomputed from reflect-padded strips: the same values, without
-    the full-size copy. Maps narrower than two borders are padded whole.
+    the full-size copy. Maps narrower than two borders, and traced graphs (ONNX export), are padded whole.
     """
     x = x.permute(0, 3, 1, 2)
     p = weight.shape[-1] // 2
     h, w = x.shape[-2:]
     if p == 0:
         return F.conv2d(x, weight, bias, groups=groups).permute(0, 2, 3, 1)
-    if min(h, w) < 2 * p:
+    if torch.jit.is_tracing() or min(h, w) < 2 * p:
         return F.conv2d(F.pad(x, (p,) * 4, mode='reflect'), weight, bias, groups=groups).permute(0, 2, 3, 1)
     out = F.conv2d(x, weight, bias, padding=p, groups=groups)
     out[:, :, :p] = F.conv2d(F.pad(x[:, :, :2 * p], (p, p, p, 0), mode='reflect'), weight, bias, groups=groups)
@@ -117,6 +115,27 @@ def conv2d_reflect(
     out[..., :p] = F.conv2d(F.pad(x[..., :2 * p], (p, 0, p, p), mode='reflect'), weight, bias, groups=groups)
     out[..., -p:] = F.conv2d(F.pad(x[..., -2 * p:], (0, p, p, p), mode='reflect'), weight, bias, groups=groups)
     return out.permute(0, 2, 3, 1)
+
+
+def _halo_windows(x: torch.Tensor, block: int, halo: int) -> torch.Tensor:
+    """Windows of ``block + 2 halo`` with stride ``block`` of a padded (B, H + 2 halo, W + 2 halo, C) map.
+
+    Returns (B, H / block, block + 2 halo, W / block, block + 2 halo, C): each block with the ``halo`` rows
+    above and below it (then the same for columns), gathered by slicing and concatenating three strided
+    views rather than by ``unfold``, whose ONNX export needs static sizes.
+    """
+
+    def along(t: torch.Tensor, dim: int) -> torch.Tensor:
+        n = (t.shape[dim] - 2 * halo) // block
+
+        def blocks(start: int) -> torch.Tensor:
+            part = t.narrow(dim, start, n * block)
+            return part.reshape(*part.shape[:dim], n, block, *part.shape[dim + 1:])
+
+        parts = [blocks(0).narrow(dim + 1, 0, halo), blocks(halo), blocks(2 * halo).narrow(dim + 1, block - halo, halo)]
+        return torch.cat(parts, dim=dim + 1)
+
+    return along(along(x, 1), 3)
 
 
 def _matrix(conv: nn.Conv2d) -> torch.Tensor:
@@ -127,24 +146,22 @@ def _matrix(conv: nn.Conv2d) -> torch.Tensor:
 def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
     """Pad the bottom/right of an NCHW tensor to a multiple of ``multiple`` by mirror reflection.
 
-    Where one reflection suffices (pad < side) this is ``F.pad(mode='reflect')``, as the published
-    network does. Smaller sides, where the published network crashes, are extended by repeating the
-    reflection (the whole-sample symmetric periodic extension); a side of one pixel is replicated.
+    This is the whole-sample symmetric periodic extension: where one reflection suffices (pad < side) it
+    equals ``F.pad(mode='reflect')``, as the published network does; smaller sides, where the published
+    network crashes, repeat the reflection, and a side of one pixel is replicated. It is an index gather
+    computed from the sizes, so a traced (ONNX) graph pads every input size correctly.
     """
     h, w = x.shape[-2:]
-    pad_h, pad_w = (-h) % multiple, (-w) % multiple
-    while pad_h or pad_w:
-        h, w = x.shape[-2:]
-        step_h = pad_h if h > 1 else 0
-        step_w = pad_w if w > 1 else 0
-        step_h, step_w = min(step_h, h - 1), min(step_w, w - 1)
-        if step_h or step_w:
-            x = F.pad(x, (0, step_w, 0, step_h), mode='reflect')
-        if (h == 1 and pad_h) or (w == 1 and pad_w):
-            x = F.pad(x, (0, pad_w if w == 1 else 0, 0, pad_h if h == 1 else 0), mode='replicate')
-            step_h, step_w = (pad_h if h == 1 else step_h), (pad_w if w == 1 else step_w)
-        pad_h, pad_w = pad_h - step_h, pad_w - step_w
-    return x
+    return x.index_select(-2, _mirror_index(h, multiple, x.device)).index_select(-1, _mirror_index(w, multiple,
+                                                                                                   x.device))
+
+
+def _mirror_index(n: int, multiple: int, device: torch.device) -> torch.Tensor:
+    """Source index of each position of a side of ``n`` extended to a multiple of ``multiple`` (period 2n - 2)."""
+    i = torch.arange(n + (-n) % multiple, device=device)
+    period = torch.as_tensor(2 * n - 2, device=device).clamp(min=1)
+    i = i % period
+    return torch.where(i < n, i, period - i)
 
 
 def expert_steps_for(num_block: int) -> tuple[int, int, int]:
@@ -269,8 +286,8 @@ class ESAM(nn.Module):
         q = qkv[..., :c].reshape(b, nh, bs, nw, bs, heads, head_dim).permute(0, 1, 3, 5, 2, 4, 6)
         q = q.reshape(b * nh * nw, heads, bs * bs, head_dim)
         # Keys and values: overlapping (bs + 2 halo)² windows with stride bs over the zero-padded map.
-        kv = F.pad(qkv[..., c:], (0, 0, halo, halo, halo, halo)).unfold(1, window, bs).unfold(2, window, bs)
-        kv = kv.reshape(b, nh, nw, 2, heads, head_dim, window, window).permute(3, 0, 1, 2, 4, 6, 7, 5)
+        kv = _halo_windows(F.pad(qkv[..., c:], (0, 0, halo, halo, halo, halo)), bs, halo)
+        kv = kv.reshape(b, nh, window, nw, window, 2, heads, head_dim).permute(5, 0, 1, 3, 6, 2, 4, 7)
         k = kv[0].reshape(b * nh * nw, heads, window, window, head_dim) + self.key_embedding()
         v = kv[1].reshape(b * nh * nw, heads, window * window, head_dim)
         out = F.scaled_dot_product_attention(q, k.flatten(2, 3), v)
@@ -414,12 +431,12 @@ class SSIU(nn.Module):
         layers.append(nn.Conv2d(num_feat, num_out_ch, 3, padding=1, padding_mode='reflect'))
         return layers
 
-    def _upsample_band(self, feat: torch.Tensor) -> torch.Tensor:
-        """HR features of a band of LR rows, (B, h, w, C) -> (B, 2 + sh, 1 + sw + 1, C'), column-reflect padded.
+    def _shuffled(self, feat: torch.Tensor) -> torch.Tensor:
+        """The tail's upsampling stages, (B, h, w, C) -> (B, h, i1, i2, ..., w, j1, j2, ..., C'), a strided view.
 
         Pixel shuffle only moves pixels, so the 1x1 convolutions and GELUs of all stages run on the
-        unshuffled map, with output channels reordered so that one copy of whole C-vectors then does every
-        shuffle at once, straight into the padded buffer. Its first two rows are left for the caller.
+        unshuffled map, with output channels reordered so that one copy of whole C'-vectors (the caller's
+        reshape) does every shuffle at once.
         """
         *stages, _ = self.tail
         b, h, w, c = feat.shape
@@ -431,32 +448,33 @@ class SSIU(nn.Module):
             feat = linear_nhwc(feat.reshape(b, h, -1, c), weight, bias, gelu=True)
             c = conv.out_channels // (r * r)
             factors.append(r)
-        s = math.prod(factors)
-        # (B, h, w, i1, j1, i2, j2, ..., C) -> (B, h, i1, i2, ..., w, j1, j2, ..., C)
+        # (B, h, w, i1, j1, i2, j2, ..., C') -> (B, h, i1, i2, ..., w, j1, j2, ..., C')
         feat = feat.reshape(b, h, w, *(r for r in factors for _ in 'ij'), c)
         rows, cols = range(3, 3 + 2 * len(factors), 2), range(4, 4 + 2 * len(factors), 2)
-        feat = feat.permute(0, 1, *rows, 2, *cols, feat.dim() - 1)
-        out = feat.new_empty(b, 2 + h * s, 2 + w * s, c)
-        out[:, 2:, 1:-1].view(feat.shape).copy_(feat)
-        out[:, 2:, 0], out[:, 2:, -1] = out[:, 2:, 2], out[:, 2:, -3]
-        return out
+        return feat.permute(0, 1, *rows, 2, *cols, feat.dim() - 1)
 
     def reconstruct(self, feat: torch.Tensor) -> torch.Tensor:
         """The tail on channels-last features (B, H, W, C) -> (B, num_out_ch, sH, sW).
 
-        It runs on bands of LR rows whose HR features take about ``TAIL_BAND_PIXELS`` pixels, so that no
-        full-size HR feature map is ever allocated. The 3x3 convolution of each band is delayed by one HR
-        row, which it takes from the next band: the result is the whole-image convolution with reflect
-        padding, row for row.
+        Maps whose HR features exceed ``TAIL_BAND_PIXELS`` pixels run in bands of LR rows, so that no
+        full-size HR feature map is allocated. The 3x3 convolution of a band is delayed by one HR row, which
+        it takes from the next band: the result is the whole-image reflect-padded convolution, row for row.
         """
         last = self.tail[-1]
         b, h, w, _ = feat.shape
         s = self.upscale
-        out = feat.new_empty(b, last.out_channels, h * s, w * s)
         band_rows = max(2, TAIL_BAND_PIXELS // (w * s * s))
+        if torch.jit.is_tracing() or h <= band_rows:
+            hr = self._shuffled(feat).reshape(b, h * s, w * s, -1)
+            return conv2d_reflect(hr, last.weight, last.bias).permute(0, 3, 1, 2)
+        out = feat.new_empty(b, last.out_channels, h * s, w * s)
         carry, done = None, 0
         for r0 in range(0, h, band_rows):
-            band = self._upsample_band(feat[:, r0:r0 + band_rows])
+            hr = self._shuffled(feat[:, r0:r0 + band_rows])
+            # two rows above for the carried HR rows, one reflected column on each side
+            band = hr.new_empty(b, 2 + hr.shape[1] * s, 2 + w * s, hr.shape[-1])
+            band[:, 2:, 1:-1].view(hr.shape).copy_(hr)
+            band[:, 2:, 0], band[:, 2:, -1] = band[:, 2:, 2], band[:, 2:, -3]
             if carry is None:
                 band[:, 1] = band[:, 3]  # reflection of HR row 1 above row 0
                 rows = F.conv2d(band[:, 1:].permute(0, 3, 1, 2), last.weight, last.bias)
