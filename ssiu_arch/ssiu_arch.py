@@ -159,7 +159,7 @@ def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
 def _mirror_index(n: int, multiple: int, device: torch.device) -> torch.Tensor:
     """Source index of each position of a side of ``n`` extended to a multiple of ``multiple`` (period 2n - 2)."""
     i = torch.arange(n + (-n) % multiple, device=device)
-    period = torch.as_tensor(2 * n - 2, device=device).clamp(min=1)
+    period = 2 * n - 2 + (n == 1)  # 1 for a single pixel; a tensor expression of the size when traced
     i = i % period
     return torch.where(i < n, i, period - i)
 
@@ -277,7 +277,7 @@ class ESAM(nn.Module):
             x = F.max_pool2d(x.permute(0, 3, 1, 2), 2, self.downsample).permute(0, 2, 3, 1)
         b, h, w, c = x.shape
         bs, halo, heads = self.block_size, self.halo, self.num_heads
-        if h % bs or w % bs:
+        if not torch.jit.is_tracing() and (h % bs or w % bs):
             raise ValueError(f'ESAM input {h}x{w} (after pooling) is not a multiple of block_size {bs}')
         nh, nw, head_dim, window = h // bs, w // bs, c // heads, bs + 2 * halo
         qkv_weight = _matrix(self.qkv_conv)
@@ -464,7 +464,7 @@ class SSIU(nn.Module):
         b, h, w, _ = feat.shape
         s = self.upscale
         band_rows = max(2, TAIL_BAND_PIXELS // (w * s * s))
-        if torch.jit.is_tracing() or h <= band_rows:
+        if torch.jit.is_tracing() or band_rows >= h:
             hr = self._shuffled(feat).reshape(b, h * s, w * s, -1)
             return conv2d_reflect(hr, last.weight, last.bias).permute(0, 3, 1, 2)
         out = feat.new_empty(b, last.out_channels, h * s, w * s)
