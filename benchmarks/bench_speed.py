@@ -1,0 +1,53 @@
+"""CPU speed of SSIU: params, multiply-adds, latency, peak memory and efficiency, plus a training step.
+
+Inference cases are the ~1280x720-output inputs of the lightweight-SR literature (x2 640x360, x3 426x240,
+x4 320x180), each measured in a fresh process by :mod:`ssiu_arch.benchmark` (the code behind ``ssiu bench``),
+with glibc malloc left at its defaults and tuned to retain freed memory. The training step is one
+forward + backward of an x2 batch of 8 LR patches of 64x64.
+
+    python benchmarks/bench_speed.py [--threads 2] [--runs 5] [--malloc both|retain|default]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+
+from ssiu_arch.benchmark import DEFAULT_INPUTS, format_rows, machine_description, run_case
+
+
+def load() -> str:
+    return ' '.join(f'{v:.2f}' for v in os.getloadavg())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--threads', type=int, default=2)
+    parser.add_argument('--runs', type=int, default=5, help='timed passes per case after the first')
+    parser.add_argument('--malloc', choices=('both', 'retain', 'default'), default='both')
+    args = parser.parse_args()
+    modes = {'both': (True, False), 'retain': (True,), 'default': (False,)}[args.malloc]
+
+    print(f'machine: {machine_description()}; torch {torch.__version__}; threads {args.threads}')
+    print(f'load average at start: {load()}', flush=True)
+    rows = []
+    for retain in modes:
+        for scale, input_hw in DEFAULT_INPUTS.items():
+            rows.append(run_case('inference', arch='SSIU', scale=scale, input_hw=input_hw, threads=args.threads,
+                                 runs=args.runs, retain_memory=retain))
+            print(format_rows(rows[-1:]).splitlines()[-1], f'(load {load()})', flush=True)
+    print()
+    print(format_rows(rows))
+    print('MACs(G) are for a 1280x720 output; efficiency = multiply-adds/s of the pass on its input divided by '
+          'those of a float32 2048x2048 matmul in the same process.')
+    for retain in modes:
+        step = run_case('training', arch='SSIU', scale=2, batch=8, size=64, threads=args.threads, runs=args.runs,
+                        retain_memory=retain)
+        print(f'training step x2, batch {step["batch"]} forward + backward: {step["train_step_ms"]:.1f} ms '
+              f'(malloc {"retain" if retain else "default"})')
+    print(f'load average at end: {load()}')
+
+
+if __name__ == '__main__':
+    main()

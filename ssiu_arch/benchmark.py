@@ -1,0 +1,278 @@
+"""CPU speed and memory of registered SR networks: the ``ssiu bench`` subcommand.
+
+Every case (one network at one scale and input size) runs in a fresh Python process, so its peak
+resident memory is its own: ``peak_mem_mb`` is the rise of the process's resident-memory high-water mark
+(``getrusage`` ``ru_maxrss``) over the first forward pass. Latency is the median wall time of the
+following passes under ``torch.inference_mode`` with ``torch.set_num_threads(threads)``. ``efficiency``
+divides the network's multiply-adds per second by those of a dense float32 2048x2048 matmul timed in the
+same process just before each pass, so that it compares the network with what the machine reaches at
+the moment of the measurement (on a shared machine both slow down together).
+
+By default each case first calls :func:`retain_freed_memory`: eager PyTorch allocates every intermediate
+map afresh, and with glibc's default settings a forward pass page-faults most of its working set again on
+every pass (SSIU x2 on 640x360: about 3 million faults, half of its CPU time). ``--default-malloc``
+measures without it.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import inspect
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import yaml
+from basicsr.utils.registry import ARCH_REGISTRY
+from torch import nn
+
+from ssiu_arch.profiling import count_macs, count_params, lr_size_for
+
+# LR input (height, width) per scale: ~1280x720 outputs, the sizes lightweight-SR papers time.
+DEFAULT_INPUTS = {2: (360, 640), 3: (240, 426), 4: (180, 320)}
+MATMUL_SIZE = 2048
+
+
+class BenchError(RuntimeError):
+    """A network that cannot be built or run as asked; the message names the case."""
+
+
+def build_net(arch: str, scale: int, **net_opt) -> nn.Module:
+    """A registered architecture (``ARCH_REGISTRY``) at ``scale``, random weights, eval mode."""
+    try:
+        cls = ARCH_REGISTRY.get(arch)
+    except KeyError:
+        raise BenchError(f'--arch {arch}: not a registered architecture') from None
+    params = inspect.signature(cls).parameters
+    scale_key = next((k for k in ('upscale', 'scale', 'upscale_factor') if k in params), None)
+    if scale_key is None and scale != 1:
+        raise BenchError(f'--arch {arch}: no upscale/scale argument; pass it with --net-opt')
+    kwargs = {scale_key: scale} if scale_key else {}
+    try:
+        return cls(**{**kwargs, **net_opt}).eval()
+    except (TypeError, ValueError) as err:
+        raise BenchError(f'--arch {arch} x{scale}: cannot build it with {net_opt}: {err}') from None
+
+
+def retain_freed_memory() -> bool:
+    """Make glibc malloc keep freed memory for reuse instead of unmapping or trimming it; False if not glibc.
+
+    Blocks above the mmap threshold (at most 32 MiB by default) get a fresh mapping, and free space at the
+    top of the heap goes back to the OS, so each new feature map is zero-filled page by page. This raises
+    both thresholds to 1 GiB, the in-process equivalent of ``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_``
+    (or of jemalloc/tcmalloc, as PyTorch's CPU tuning guide suggests): process-wide, and memory freed after a
+    pass stays with the process.
+    """
+    try:
+        mallopt = ctypes.CDLL('libc.so.6').mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(mallopt(m_mmap_threshold, 1 << 30)) and bool(mallopt(m_trim_threshold, 1 << 30))
+
+
+def matmul_rate(size: int = MATMUL_SIZE, repeats: int = 3) -> float:
+    """Multiply-adds per second of a dense float32 ``size`` x ``size`` matmul (best of ``repeats``)."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    torch.mm(a, b)
+    best = min(_timed(lambda: torch.mm(a, b)) for _ in range(repeats))
+    return size ** 3 / best
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _max_rss_mb() -> float:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2 ** 20 if sys.platform == 'darwin' else rss / 2 ** 10  # bytes on macOS, KiB on Linux
+
+
+def machine_description() -> str:
+    """CPU model name (or ``platform.processor()``) and the number of CPUs."""
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path('/proc/cpuinfo').read_text().splitlines():
+            if line.startswith('model name'):
+                name = line.split(':', 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f'{name}, {os.cpu_count()} CPUs'
+
+
+def measure_inference(arch: str, scale: int, input_hw: tuple[int, int], threads: int = 2, runs: int = 5,
+                      net_opt: dict | None = None, retain_memory: bool = True) -> dict:
+    """One bench row, measured in this process (see the module docstring; :func:`run_case` isolates it)."""
+    malloc = 'retain' if retain_memory and retain_freed_memory() else 'default'
+    torch.set_num_threads(threads)
+    net = build_net(arch, scale, **(net_opt or {}))
+    in_ch = next((m.in_channels for m in net.modules() if isinstance(m, nn.Conv2d)), 3)
+    h, w = input_hw
+    try:
+        macs_g = count_macs(net, lr_size_for((720, 1280), scale), in_ch) / 1e9
+        macs_input = count_macs(net, (h, w), in_ch)
+    except Exception:  # a network the meta-device counter cannot trace still gets timed
+        macs_g = macs_input = None
+    x = torch.rand(1, in_ch, h, w)
+    base = _max_rss_mb()
+    with torch.inference_mode():
+        net(x)
+        peak = _max_rss_mb()
+        rates, times = [], []
+        for _ in range(runs):
+            rates.append(matmul_rate())
+            times.append(_timed(lambda: net(x)))
+    latency = statistics.median(times)
+    efficiency = macs_input / latency / statistics.median(rates) if macs_input else None
+    return {
+        'model': arch, 'scale': scale, 'params': count_params(net),
+        'macs_g': None if macs_g is None else round(macs_g, 2), 'input': f'{w}x{h}',
+        'latency_ms': round(latency * 1e3, 1), 'peak_mem_mb': round(peak - base, 1),
+        'efficiency': None if efficiency is None else round(efficiency, 3), 'threads': threads,
+        'machine': machine_description(), 'malloc': malloc,
+    }
+
+
+def measure_training_step(arch: str = 'SSIU', scale: int = 2, batch: int = 8, size: int = 64, threads: int = 2,
+                          runs: int = 5, net_opt: dict | None = None, retain_memory: bool = True) -> dict:
+    """Median wall time of one forward + L1 backward on a ``batch`` of ``size``² LR patches (train mode)."""
+    if retain_memory:
+        retain_freed_memory()
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    net = build_net(arch, scale, **(net_opt or {})).train()
+    lr, hr = torch.rand(batch, 3, size, size), torch.rand(batch, 3, size * scale, size * scale)
+
+    def step():
+        net.zero_grad(set_to_none=True)
+        F.l1_loss(net(lr), hr).backward()
+
+    step()
+    times = [_timed(step) for _ in range(runs)]
+    return {'model': arch, 'scale': scale, 'batch': f'{batch}x3x{size}x{size}', 'train_step_ms':
+            round(statistics.median(times) * 1e3, 1), 'threads': threads}
+
+
+def run_case(kind: str, **kwargs) -> dict:
+    """:func:`measure_inference` (``kind='inference'``) or :func:`measure_training_step` in a fresh process."""
+    spec = json.dumps({'kind': kind, **kwargs})
+    cmd = [sys.executable, '-c', 'from ssiu_arch.benchmark import _child_main; _child_main()', spec]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode:
+        tail = proc.stderr.strip().splitlines()[-1:] or ['no error message']
+        raise BenchError(f'{kind} case {kwargs}: {tail[0]}')
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _child_main() -> None:
+    spec = json.loads(sys.argv[1])
+    kind = spec.pop('kind')
+    if kind == 'inference':
+        spec['input_hw'] = tuple(spec['input_hw'])
+        row = measure_inference(**spec)
+    else:
+        row = measure_training_step(**spec)
+    print(json.dumps(row))
+
+
+def format_rows(rows: list[dict]) -> str:
+    """A fixed-width table of bench rows."""
+    lines = [f'{"model":<10} {"scale":>5} {"input":>9} {"params":>9} {"MACs(G)":>8} {"latency(ms)":>12} '
+             f'{"peak mem(MB)":>13} {"efficiency":>10} {"malloc":>8}']
+    for r in rows:
+        macs = '-' if r['macs_g'] is None else f'{r["macs_g"]:.1f}'
+        eff = '-' if r['efficiency'] is None else f'{r["efficiency"]:.3f}'
+        lines.append(f'{r["model"]:<10} {"x" + str(r["scale"]):>5} {r["input"]:>9} {r["params"]:>9,} {macs:>8} '
+                     f'{r["latency_ms"]:>12.1f} {r["peak_mem_mb"]:>13.1f} {eff:>10} {r.get("malloc", "-"):>8}')
+    return '\n'.join(lines)
+
+
+def write_json_atomic(obj: object, path: str | os.PathLike) -> None:
+    """``json.dump`` to a temporary name in the same folder, then rename."""
+    path = Path(path)
+    tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
+    try:
+        tmp.write_text(json.dumps(obj, indent=2) + '\n', encoding='utf-8')
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _parse_input(text: str) -> tuple[int, int]:
+    try:
+        w, h = (int(v) for v in text.lower().split('x'))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'expected WIDTHxHEIGHT such as 320x180, got {text!r}') from None
+    if w < 1 or h < 1:
+        raise argparse.ArgumentTypeError(f'sides must be positive, got {text!r}')
+    return h, w
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f'expected a positive integer, got {text!r}')
+    return int(text)
+
+
+def _parse_net_opt(items: list[str]) -> dict:
+    opts = {}
+    for item in items:
+        key, sep, value = item.partition('=')
+        if not sep or not key:
+            raise SystemExit(f'ssiu bench: --net-opt expects KEY=VALUE, got {item!r}')
+        opts[key] = yaml.safe_load(value)
+    return opts
+
+
+def _run(args: argparse.Namespace) -> int:
+    net_opt = _parse_net_opt(args.net_opt)
+    if args.json and not Path(args.json).parent.is_dir():
+        raise SystemExit(f'ssiu bench: --json {args.json}: folder does not exist')
+    malloc = 'default' if args.default_malloc else 'retain freed memory'
+    print(f'machine: {machine_description()}; threads {args.threads}; malloc {malloc}; load average '
+          f'{" ".join(f"{v:.2f}" for v in os.getloadavg())}', flush=True)
+    rows = []
+    for arch in args.arch:
+        for scale in args.scale:
+            input_hw = args.input or DEFAULT_INPUTS.get(scale, DEFAULT_INPUTS[4])
+            try:
+                rows.append(run_case('inference', arch=arch, scale=scale, input_hw=input_hw, threads=args.threads,
+                                     runs=args.runs, net_opt=net_opt, retain_memory=not args.default_malloc))
+            except BenchError as err:
+                raise SystemExit(f'ssiu bench: {err}') from None
+    print(format_rows(rows))
+    if args.json:
+        write_json_atomic(rows, args.json)
+        print(f'wrote {args.json}')
+    return 0
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        'bench', help='CPU latency, peak memory and efficiency of registered networks',
+        description='Time registered networks (random weights) on CPU, each case in a fresh process: params, '
+                    'multiply-adds for a 1280x720 output, median latency, peak resident memory and efficiency '
+                    '(multiply-adds/s relative to a dense float32 2048x2048 matmul in the same process).')
+    parser.add_argument('--arch', nargs='+', default=['SSIU'], help='registered architecture names (default SSIU)')
+    parser.add_argument('--scale', nargs='+', type=_positive_int, default=[2, 3, 4], help='scales (default 2 3 4)')
+    parser.add_argument('--input', type=_parse_input, default=None,
+                        help='LR input WIDTHxHEIGHT (default per scale: 640x360, 426x240, 320x180)')
+    parser.add_argument('--threads', type=_positive_int, default=2, help='torch.set_num_threads (default 2)')
+    parser.add_argument('--runs', type=_positive_int, default=5, help='timed passes after the first (default 5)')
+    parser.add_argument('--net-opt', nargs='*', default=[], metavar='KEY=VALUE',
+                        help='extra network keyword arguments, values in YAML syntax')
+    parser.add_argument('--default-malloc', action='store_true',
+                        help="keep glibc's default malloc settings (default: retain freed memory, see the docs)")
+    parser.add_argument('--json', help='write the rows (a JSON list) to this file')
+    parser.set_defaults(func=_run)
