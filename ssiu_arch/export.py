@@ -1,0 +1,114 @@
+"""``ssiu export --onnx``: an SSIU checkpoint as an ONNX model with dynamic batch, height and width.
+
+The graph is traced with PyTorch's TorchScript-based exporter (``dynamo=False``; the ``torch.export``-based
+exporter needs ``onnxscript``). Tracing records the network's standard-operator formulation (the fused
+oneDNN kernels are CPU inference-only), and every size-dependent step of the network is written with
+symbolic sizes: the mirror padding to a multiple of 16 (an index gather, exact for any side, tiny sides
+included), the ESAM block windows and the final crop. The remaining Python branches on sizes hold for every
+input, so the tracer's warnings about them are silenced here.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ssiu_arch.convert import CheckpointError, load_ssiu
+
+# (height, width) inputs on which the written model is compared with PyTorch: odd, unequal, not multiples of 16.
+VERIFY_SIZES = ((17, 23), (31, 40))
+
+
+class ExportError(RuntimeError):
+    """An exported model that onnxruntime cannot reproduce; nothing is written."""
+
+
+def export_onnx(net: nn.Module, path: str | os.PathLike, opset: int = 17, sample_hw: tuple[int, int] = (32, 48),
+                in_ch: int = 3, verify_sizes: tuple[tuple[int, int], ...] | None = VERIFY_SIZES,
+                atol: float = 1e-4) -> float | None:
+    """Trace ``net`` on a (1, in_ch, *sample_hw) input and write ``path``; returns the verification error.
+
+    Input ``lr`` (N, in_ch, H, W) and output ``sr`` (N, out_ch, sH, sW) have dynamic N, H and W. With
+    ``verify_sizes``, the model is run by onnxruntime on those (height, width) sizes before it is moved into
+    place, and :class:`ExportError` is raised (leaving no file) if it differs from PyTorch by more than ``atol``.
+    """
+    path = Path(path)
+    tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
+    sample = torch.rand(1, in_ch, *sample_hw)
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter('ignore', torch.jit.TracerWarning)
+            warnings.filterwarnings('ignore', category=DeprecationWarning, module=r'torch\.onnx')
+            warnings.filterwarnings('ignore', message='.*legacy TorchScript-based ONNX export')
+            warnings.filterwarnings('ignore', message='Constant folding - Only steps=1')
+            torch.onnx.export(
+                net.eval(), (sample,), str(tmp), dynamo=False, opset_version=opset,
+                input_names=['lr'], output_names=['sr'],
+                dynamic_axes={'lr': {0: 'batch', 2: 'height', 3: 'width'},
+                              'sr': {0: 'batch', 2: 'sr_height', 3: 'sr_width'}})
+        error = None
+        if verify_sizes:
+            error = onnx_max_error(net, tmp, verify_sizes, in_ch=in_ch)
+            if error > atol:
+                raise ExportError(f'{path}: onnxruntime differs from PyTorch by {error:.2e} (> {atol:g})')
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return error
+
+
+def onnx_max_error(net: nn.Module, path: str | os.PathLike, sizes: tuple[tuple[int, int], ...] = VERIFY_SIZES,
+                   batch: int = 2, in_ch: int = 3) -> float:
+    """Largest ``|onnxruntime - PyTorch|`` over random (batch, in_ch, h, w) inputs of the given sizes."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise ExportError('verifying needs onnxruntime (pip install onnxruntime, or skip with --no-verify)') from None
+    session = ort.InferenceSession(str(path), providers=['CPUExecutionProvider'])
+    error = 0.0
+    for h, w in sizes:
+        x = torch.rand(batch, in_ch, h, w)
+        with torch.inference_mode():
+            expected = net.eval()(x)
+        got = torch.from_numpy(session.run(['sr'], {'lr': x.numpy()})[0])
+        if got.shape != expected.shape:
+            raise ExportError(f'{path}: output {tuple(got.shape)} for input {tuple(x.shape)}, '
+                              f'PyTorch gives {tuple(expected.shape)}')
+        error = max(error, (got - expected).abs().max().item())
+    return error
+
+
+def _run(args: argparse.Namespace) -> int:
+    out = Path(args.onnx)
+    if out.exists() and not args.overwrite:
+        raise SystemExit(f'ssiu export: {out} exists (use --overwrite)')
+    if not out.parent.is_dir():
+        raise SystemExit(f'ssiu export: --onnx {out}: folder does not exist')
+    try:
+        net = load_ssiu(args.checkpoint)
+        error = export_onnx(net, out, opset=args.opset, verify_sizes=None if args.no_verify else VERIFY_SIZES)
+    except (CheckpointError, ExportError) as err:
+        raise SystemExit(f'ssiu export: {err}') from None
+    print(f'wrote {out} (opset {args.opset}; dynamic batch, height and width)')
+    if error is not None:
+        sizes = ', '.join(f'{w}x{h}' for h, w in VERIFY_SIZES)
+        print(f'onnxruntime vs PyTorch on {sizes} inputs: max abs difference {error:.2e}')
+    return 0
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        'export', help='export an SSIU checkpoint to ONNX (dynamic batch/height/width)',
+        description='Trace an SSIU checkpoint (published or BasicSR layout) into an ONNX model whose input "lr" '
+                    '(N, 3, H, W) in [0, 1] has dynamic N, H and W (any size), then check it with onnxruntime '
+                    'against PyTorch on two odd sizes.')
+    parser.add_argument('checkpoint', help='SSIU checkpoint (.pth / .pt)')
+    parser.add_argument('--onnx', required=True, metavar='OUT.onnx', help='ONNX file to write')
+    parser.add_argument('--opset', type=int, default=17, help='ONNX opset (default 17)')
+    parser.add_argument('--no-verify', action='store_true', help='skip the onnxruntime comparison')
+    parser.add_argument('--overwrite', action='store_true', help='replace an existing output file')
+    parser.set_defaults(func=_run)
