@@ -12,6 +12,8 @@ SUBCOMMAND_MODULES = (
     'ssiu_arch.datasets_lmdb.cli',
     'ssiu_arch.evaluation',
     'ssiu_arch.inference',
+    'ssiu_arch.benchmark',
+    'ssiu_arch.export',
 )
 
 _BASICSR_USAGE = """usage: basicsr {train,test} -opt OPTIONS.yml [--launcher {none,pytorch,slurm}] [--auto_resume]
