@@ -263,7 +263,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         'bench', help='CPU latency, peak memory and efficiency of registered networks',
         description='Time registered networks (random weights) on CPU, each case in a fresh process: params, '
                     'multiply-adds for a 1280x720 output, median latency, peak resident memory and efficiency '
-                    '(multiply-adds/s relative to a dense float32 2048x2048 matmul in the same process).')
+                    '(multiply-adds/s relative to a dense float32 2048x2048 matmul in the same process). glibc '
+                    'malloc is set to keep freed memory unless --default-malloc is given.')
     parser.add_argument('--arch', nargs='+', default=['SSIU'], help='registered architecture names (default SSIU)')
     parser.add_argument('--scale', nargs='+', type=_positive_int, default=[2, 3, 4], help='scales (default 2 3 4)')
     parser.add_argument('--input', type=_parse_input, default=None,
@@ -273,6 +274,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument('--net-opt', nargs='*', default=[], metavar='KEY=VALUE',
                         help='extra network keyword arguments, values in YAML syntax')
     parser.add_argument('--default-malloc', action='store_true',
-                        help="keep glibc's default malloc settings (default: retain freed memory, see the docs)")
+                        help="measure with glibc's default malloc settings (default: keep freed memory for reuse, "
+                             'as MALLOC_MMAP_THRESHOLD_ and MALLOC_TRIM_THRESHOLD_ would)')
     parser.add_argument('--json', help='write the rows (a JSON list) to this file')
     parser.set_defaults(func=_run)

@@ -16,9 +16,11 @@ is removed (see :mod:`ssiu_arch.convert`).
 Speed: the network is mostly 1x1 convolutions of 64 channels, whose cost on CPU is memory traffic. Inside
 :class:`SSIU` every feature map is therefore channels-last ``(B, H, W, C)``, so that a 1x1 convolution is a
 single matrix product over contiguous pixels; elementwise work is folded into those products (GELU, gating
-product and residual sums as oneDNN post-ops at inference, per-channel biases moved across linear maps);
-reflect padding is never materialised at full size (:func:`conv2d_reflect`). Results equal the published
-network up to float32 rounding.
+product and residual sums as oneDNN post-ops at CPU inference, written in place where the addend is not
+needed again; per-channel biases moved across linear maps); reflect padding is never materialised at full
+size (:func:`conv2d_reflect`), and the tail runs in bands of rows, so no full-size HR feature map exists.
+Training, tracing and ONNX export run the same computation with standard operators. Results equal the
+published network up to float32 rounding.
 """
 from __future__ import annotations
 
