@@ -178,11 +178,14 @@ def run_case(kind: str, **kwargs) -> dict:
 def _child_main() -> None:
     spec = json.loads(sys.argv[1])
     kind = spec.pop('kind')
-    if kind == 'inference':
-        spec['input_hw'] = tuple(spec['input_hw'])
-        row = measure_inference(**spec)
-    else:
-        row = measure_training_step(**spec)
+    try:
+        if kind == 'inference':
+            spec['input_hw'] = tuple(spec['input_hw'])
+            row = measure_inference(**spec)
+        else:
+            row = measure_training_step(**spec)
+    except BenchError as err:
+        sys.exit(str(err))
     print(json.dumps(row))
 
 
