@@ -34,6 +34,7 @@ import yaml
 from basicsr.utils.registry import ARCH_REGISTRY
 from torch import nn
 
+from ssiu_arch.fileio import write_text_atomic
 from ssiu_arch.profiling import count_macs, count_params, lr_size_for
 
 # LR input (height, width) per scale: ~1280x720 outputs, the sizes lightweight-SR papers time.
@@ -201,17 +202,6 @@ def format_rows(rows: list[dict]) -> str:
     return '\n'.join(lines)
 
 
-def write_json_atomic(obj: object, path: str | os.PathLike) -> None:
-    """``json.dump`` to a temporary name in the same folder, then rename."""
-    path = Path(path)
-    tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
-    try:
-        tmp.write_text(json.dumps(obj, indent=2) + '\n', encoding='utf-8')
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _parse_input(text: str) -> tuple[int, int]:
     try:
         w, h = (int(v) for v in text.lower().split('x'))
@@ -256,7 +246,7 @@ def _run(args: argparse.Namespace) -> int:
                 raise SystemExit(f'ssiu bench: {err}') from None
     print(format_rows(rows))
     if args.json:
-        write_json_atomic(rows, args.json)
+        write_text_atomic(args.json, json.dumps(rows, indent=2) + '\n')
         print(f'wrote {args.json}')
     return 0
 

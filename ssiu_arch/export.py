@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ssiu_arch.convert import CheckpointError, load_ssiu
+from ssiu_arch.fileio import replace_atomic
 
 # (height, width) inputs on which the written model is compared with PyTorch: odd, unequal, not multiples of 16.
 VERIFY_SIZES = ((17, 23), (31, 40))
@@ -37,9 +38,10 @@ def export_onnx(net: nn.Module, path: str | os.PathLike, opset: int = 17, sample
     place, and :class:`ExportError` is raised (leaving no file) if it differs from PyTorch by more than ``atol``.
     """
     path = Path(path)
-    tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
     sample = torch.rand(1, in_ch, *sample_hw)
-    try:
+    errors = []
+
+    def write(tmp: Path) -> None:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter('ignore', torch.jit.TracerWarning)
             warnings.filterwarnings('ignore', category=DeprecationWarning, module=r'torch\.onnx')
@@ -50,15 +52,13 @@ def export_onnx(net: nn.Module, path: str | os.PathLike, opset: int = 17, sample
                 input_names=['lr'], output_names=['sr'],
                 dynamic_axes={'lr': {0: 'batch', 2: 'height', 3: 'width'},
                               'sr': {0: 'batch', 2: 'sr_height', 3: 'sr_width'}})
-        error = None
         if verify_sizes:
-            error = onnx_max_error(net, tmp, verify_sizes, in_ch=in_ch)
-            if error > atol:
-                raise ExportError(f'{path}: onnxruntime differs from PyTorch by {error:.2e} (> {atol:g})')
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return error
+            errors.append(onnx_max_error(net, tmp, verify_sizes, in_ch=in_ch))
+            if errors[-1] > atol:
+                raise ExportError(f'{path}: onnxruntime differs from PyTorch by {errors[-1]:.2e} (> {atol:g})')
+
+    replace_atomic(path, write)
+    return errors[-1] if errors else None
 
 
 def onnx_max_error(net: nn.Module, path: str | os.PathLike, sizes: tuple[tuple[int, int], ...] = VERIFY_SIZES,
