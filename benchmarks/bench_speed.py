@@ -10,15 +10,10 @@ forward + backward of an x2 batch of 8 LR patches of 64x64.
 from __future__ import annotations
 
 import argparse
-import os
 
 import torch
 
-from ssiu_arch.benchmark import DEFAULT_INPUTS, format_rows, machine_description, run_case
-
-
-def load() -> str:
-    return ' '.join(f'{v:.2f}' for v in os.getloadavg())
+from ssiu_arch.benchmark import DEFAULT_INPUTS, format_rows, load_average, machine_description, run_case
 
 
 def main() -> None:
@@ -30,13 +25,13 @@ def main() -> None:
     modes = {'both': (True, False), 'retain': (True,), 'default': (False,)}[args.malloc]
 
     print(f'machine: {machine_description()}; torch {torch.__version__}; threads {args.threads}')
-    print(f'load average at start: {load()}', flush=True)
+    print(f'load average at start: {load_average()}', flush=True)
     rows = []
     for retain in modes:
         for scale, input_hw in DEFAULT_INPUTS.items():
             rows.append(run_case('inference', arch='SSIU', scale=scale, input_hw=input_hw, threads=args.threads,
                                  runs=args.runs, retain_memory=retain))
-            print(format_rows(rows[-1:]).splitlines()[-1], f'(load {load()})', flush=True)
+            print(format_rows(rows[-1:]).splitlines()[-1], f'(load {load_average()})', flush=True)
     print()
     print(format_rows(rows))
     print('MACs(G) are for a 1280x720 output; efficiency = multiply-adds/s of the pass on its input divided by '
@@ -46,7 +41,7 @@ def main() -> None:
                         retain_memory=retain)
         print(f'training step x2, batch {step["batch"]} forward + backward: {step["train_step_ms"]:.1f} ms '
               f'(malloc {"retain" if retain else "default"})')
-    print(f'load average at end: {load()}')
+    print(f'load average at end: {load_average()}')
 
 
 if __name__ == '__main__':

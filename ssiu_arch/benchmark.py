@@ -112,6 +112,11 @@ def machine_description() -> str:
     return f'{name}, {os.cpu_count()} CPUs'
 
 
+def load_average() -> str:
+    """The 1, 5 and 15 minute load averages, for the record of a measurement on a shared machine."""
+    return ' '.join(f'{v:.2f}' for v in os.getloadavg())
+
+
 def measure_inference(arch: str, scale: int, input_hw: tuple[int, int], threads: int = 2, runs: int = 5,
                       net_opt: dict | None = None, retain_memory: bool = True) -> dict:
     """One bench row, measured in this process (see the module docstring; :func:`run_case` isolates it)."""
@@ -234,7 +239,7 @@ def _run(args: argparse.Namespace) -> int:
         raise SystemExit(f'ssiu bench: --json {args.json}: folder does not exist')
     malloc = 'default' if args.default_malloc else 'retain freed memory'
     print(f'machine: {machine_description()}; threads {args.threads}; malloc {malloc}; load average '
-          f'{" ".join(f"{v:.2f}" for v in os.getloadavg())}', flush=True)
+          f'{load_average()}', flush=True)
     rows = []
     for arch in args.arch:
         for scale in args.scale:
