@@ -240,6 +240,7 @@ def infer_paths(
 
 
 def _run(args: argparse.Namespace) -> int:
+    from ssiu_arch.benchmark import retain_freed_memory
     from ssiu_arch.convert import CheckpointError, infer_config, load_ssiu
 
     device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
@@ -247,6 +248,8 @@ def _run(args: argparse.Namespace) -> int:
         raise SystemExit('ssiu infer: --device cuda requested but CUDA is not available (use --device cpu)')
     if args.half and device != 'cuda':
         raise SystemExit('ssiu infer: --half needs --device cuda (float16 is slow or unsupported on the CPU)')
+    if device == 'cpu':  # feature maps are reused instead of zero-filled afresh: up to 2x faster (ssiu bench)
+        retain_freed_memory()
     try:
         net = load_ssiu(args.weights)
     except CheckpointError as err:
