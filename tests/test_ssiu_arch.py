@@ -182,3 +182,57 @@ def test_bad_hyper_parameters_are_rejected():
         SSIU(num_block=3, expert_steps=(1, 2, 7))
     with pytest.raises(ValueError, match='upscale'):
         SSIU(upscale=0)
+
+
+def test_convert_cli_prints_config_and_writes_basicsr_checkpoint(tmp_path, capsys):
+    from ssiu_arch.cli import ssiu_main
+
+    src = tmp_path / 'official.pt'
+    torch.save(load_reference(REFERENCES[0])['official_checkpoint'], src)
+    assert ssiu_main(['convert', str(src), str(tmp_path / 'out.pth')]) == 0
+    printed = capsys.readouterr().out
+    assert 'upscale=2' in printed and 'num_feat=16' in printed and 'num_block=3' in printed
+    with pytest.raises(SystemExit, match='exists'):
+        ssiu_main(['convert', str(src), str(tmp_path / 'out.pth')])
+
+
+@pytest.mark.parametrize('content, message', [
+    (lambda p: p.write_bytes(b'not a checkpoint'), 'not a readable PyTorch checkpoint'),
+    (lambda p: torch.save([1, 2, 3], p), 'expected a dict checkpoint'),
+    (lambda p: torch.save({'optimizer': {'lr': 1}}, p), 'none of'),
+    (lambda p: torch.save({'model_state_dict': {'module.conv.weight': torch.zeros(1)}}, p), 'not an SSIU state dict'),
+])
+def test_convert_rejects_bad_files_by_name(tmp_path, content, message):
+    from ssiu_arch.convert import CheckpointError, convert
+
+    bad = tmp_path / 'bad.pt'
+    content(bad)
+    with pytest.raises(CheckpointError, match=message) as err:
+        convert(bad, tmp_path / 'out.pth')
+    assert str(bad) in str(err.value)
+    assert not (tmp_path / 'out.pth').exists()
+
+
+def test_convert_rejects_truncated_checkpoint(tmp_path):
+    from ssiu_arch.convert import CheckpointError, convert
+
+    whole = tmp_path / 'whole.pt'
+    torch.save(load_reference(REFERENCES[0])['official_checkpoint'], whole)
+    truncated = tmp_path / 'truncated.pt'
+    truncated.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match='truncated.pt'):
+        convert(truncated, tmp_path / 'out.pth')
+    missing = tmp_path / 'missing.pt'
+    with pytest.raises(CheckpointError, match='no such checkpoint file'):
+        convert(missing, tmp_path / 'out.pth')
+
+
+def test_convert_rejects_a_state_dict_that_does_not_fit(tmp_path):
+    from ssiu_arch.convert import CheckpointError, convert
+
+    state = SSIU(upscale=2, num_feat=16, num_block=3).state_dict()
+    del state['body.0.s3.rel_w']
+    src = tmp_path / 'partial.pth'
+    torch.save({'params': state}, src)
+    with pytest.raises(CheckpointError, match='does not fit'):
+        convert(src, tmp_path / 'out.pth')

@@ -66,8 +66,9 @@ def states(exp: Path) -> list[int]:
     return sorted(int(p.name.split('.')[0]) for p in (exp / 'training_states').glob('*.state'))
 
 
-def test_demo_options_train_and_validate(tmp_path):
-    demo = yaml.safe_load((REPO / 'options' / 'demo_SSIU_x2.yml').read_text())
+@pytest.mark.parametrize('demo_file', ['demo_SSIU_x2.yml', 'demo_IDSANet_x2.yml'])
+def test_demo_options_train_and_validate(tmp_path, demo_file):
+    demo = yaml.safe_load((REPO / 'options' / demo_file).read_text())
     for phase in demo['datasets'].values():  # the demo's paths are relative to the repository
         for key in ('dataroot_gt', 'dataroot_lq'):
             if key in phase:
