@@ -22,6 +22,6 @@ def load_reference(path: Path) -> dict:
 
 
 @pytest.fixture(autouse=True)
-def _deterministic_threads():
+def _seeded():
     torch.manual_seed(0)
     yield
