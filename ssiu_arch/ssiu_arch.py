@@ -37,6 +37,11 @@ try:  # oneDNN convolutions with fused epilogues (the CPU kernels torch.compile 
 except (AttributeError, RuntimeError):
     _ONEDNN_CONV = _ONEDNN_CONV_ADD_ = None
 _POINTWISE = ([0, 0], [1, 1], [1, 1], 1)  # padding, stride, dilation, groups of a 1x1 convolution
+# Feature maps above glibc malloc's largest mmap threshold (32 MiB) get fresh, zero-filled pages on every
+# allocation. CPU inference on larger maps therefore runs the unfolding steps in bands of rows whose maps
+# stay below it (``SSIU.band_bytes``; 0 processes whole maps).
+WHOLE_MAP_BYTES = 32 << 20
+BAND_BYTES = 8 << 20
 # HR pixels per band of the tail (a 64-channel band is 16 MiB): bands small enough for the allocator to reuse.
 TAIL_BAND_PIXELS = 1 << 16
 
@@ -56,7 +61,7 @@ def _onednn_applies(*tensors: torch.Tensor | None) -> bool:
 
 
 def _add_(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """``x + y``; ``x`` is consumed: outside autograd the sum is written into it, saving a full-size buffer."""
+    """``x + y``; ``x`` is consumed: outside autograd the sum is written into it, saving a buffer."""
     return x + y if torch.is_grad_enabled() else x.add_(y)
 
 
@@ -67,16 +72,17 @@ def linear_nhwc(
     gelu: bool = False,
     mul: torch.Tensor | None = None,
     add: torch.Tensor | None = None,
+    accumulate: bool = False,
 ) -> torch.Tensor:
     """1x1 convolution of a channels-last ``(B, H, W, C_in)`` tensor with an optional fused epilogue.
 
     Returns ``GELU(x @ weight.T + bias)`` if ``gelu``, else ``(x @ weight.T + bias) * mul`` or ``... + add``
-    (at most one epilogue). ``weight`` is ``(C_out, C_in)``. ``add`` is consumed: at inference the result is
-    accumulated into its storage (unless that is also the storage of ``x``).
+    (at most one epilogue). ``weight`` is ``(C_out, C_in)``. With ``accumulate``, ``add`` is consumed: at
+    inference the sum is written into its storage (unless that is also the storage of ``x``).
     """
     if _onednn_applies(x, weight, bias, mul, add):
         x, weight = x.permute(0, 3, 1, 2), weight[:, :, None, None]
-        if add is not None and add.untyped_storage().data_ptr() != x.untyped_storage().data_ptr():
+        if accumulate and add.untyped_storage().data_ptr() != x.untyped_storage().data_ptr():
             out = _ONEDNN_CONV_ADD_(add.permute(0, 3, 1, 2), x, weight, bias, *_POINTWISE, 'add', None, None, [], None)
         elif add is not None or mul is not None:
             attr, other = ('add', add) if add is not None else ('mul', mul)
@@ -184,6 +190,43 @@ def expert_steps_for(num_block: int) -> tuple[int, int, int]:
     return tuple(collected[-3:])
 
 
+def _rows(x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Rows ``start:stop`` of a (B, H, W, C) map, or the map itself when that is all of it.
+
+    Returning the map itself keeps traced (ONNX) graphs free of slices with fixed bounds.
+    """
+    return x if start == 0 and stop == x.shape[1] else x[:, start:stop]
+
+
+def _window(r0: int, r1: int, halo: int, height: int) -> tuple[int, int, int, int]:
+    """Rows ``[lo, hi)`` of a map of ``height`` rows that band ``[r0, r1)`` needs with ``halo`` rows on each side.
+
+    Also returns how many of those rows lie beyond the top and the bottom of the map (to be reflected).
+    """
+    lo, hi = max(r0 - halo, 0), min(r1 + halo, height)
+    return lo, hi, lo - (r0 - halo), r1 + halo - hi
+
+
+def _reflect_pad(x: torch.Tensor, top: int, bottom: int, side: int) -> torch.Tensor:
+    """Reflect-pad a channels-last (B, H, W, C) band by ``top``/``bottom`` rows and ``side`` columns each side."""
+    return F.pad(x.permute(0, 3, 1, 2), (side, side, top, bottom), mode='reflect').permute(0, 2, 3, 1)
+
+
+def _bands(height: int, band_rows: int | None) -> list[tuple[int, int]]:
+    """Row ranges ``[r0, r1)`` covering ``height`` rows, ``band_rows`` at a time (all at once if None)."""
+    if band_rows is None or band_rows >= height:
+        return [(0, height)]
+    return [(r0, min(r0 + band_rows, height)) for r0 in range(0, height, band_rows)]
+
+
+def _store(part: torch.Tensor, out: torch.Tensor | None, r0: int) -> torch.Tensor:
+    """Write a band into rows ``r0:`` of ``out`` (a preallocated map), or return it if there is no ``out``."""
+    if out is None:
+        return part
+    out[:, r0:r0 + part.shape[1]] = part
+    return out
+
+
 class ChannelLayerNorm(nn.Module):
     """LayerNorm over the channels of a channels-last (B, H, W, C) map (the ``WithBias`` norm of the reference)."""
 
@@ -204,6 +247,7 @@ class MSGM(nn.Module):
     def __init__(self, num_feat: int, expansion: float = 1.0, kernel_size: int = 3, ratio: float = 1.0) -> None:
         super().__init__()
         hidden, mid = int(num_feat * expansion), int(num_feat * ratio)
+        self.halo = kernel_size // 2
         self.project_in1 = nn.Conv2d(num_feat, hidden, 1)
         self.project_in2 = nn.Sequential(
             nn.Conv2d(num_feat, mid, 1),
@@ -212,24 +256,27 @@ class MSGM(nn.Module):
         )
         self.project_out = nn.Conv2d(hidden, num_feat, 1)
 
-    def gated(self, x: torch.Tensor, shift: torch.Tensor | None = None) -> torch.Tensor:
+    def gated(self, x: torch.Tensor, top: int, bottom: int, shift: torch.Tensor | None = None) -> torch.Tensor:
         """``GELU(W_1 x') * W_3 DW_k(W_2 x')`` for ``x' = x + shift``: the module before ``project_out``.
 
-        ``shift`` (C,) is a per-channel offset of the input, folded into the input projection biases.
+        ``x`` holds the rows of a band plus ``halo`` rows above and below it, except ``top``/``bottom`` rows
+        beyond the map's border, which are reflected here; the result has the band's rows. ``shift`` (C,)
+        is a per-channel offset of the input, folded into the input projection biases.
         """
         reduce, depthwise, expand = self.project_in2
         gate_weight, gate_bias = _matrix(self.project_in1), self.project_in1.bias
         value_weight, value_bias = _matrix(reduce), reduce.bias
         if shift is not None:
             gate_bias, value_bias = gate_bias + gate_weight @ shift, value_bias + value_weight @ shift
-        gate = linear_nhwc(x, gate_weight, gate_bias, gelu=True)
-        value = conv2d_reflect(linear_nhwc(x, value_weight, value_bias), depthwise.weight, depthwise.bias,
-                               groups=depthwise.groups)
-        return linear_nhwc(value, _matrix(expand), expand.bias, mul=gate)
+        p = self.halo
+        gate = linear_nhwc(_rows(x, p - top, x.shape[1] - p + bottom), gate_weight, gate_bias, gelu=True)
+        value = _reflect_pad(linear_nhwc(x, value_weight, value_bias), top, bottom, p)
+        value = F.conv2d(value.permute(0, 3, 1, 2), depthwise.weight, depthwise.bias, groups=depthwise.groups)
+        return linear_nhwc(value.permute(0, 2, 3, 1), _matrix(expand), expand.bias, mul=gate)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        """The module output, plus ``residual`` if given (summed inside the output projection)."""
-        return linear_nhwc(self.gated(x), _matrix(self.project_out), self.project_out.bias, add=residual)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.halo
+        return linear_nhwc(self.gated(x, p, p), _matrix(self.project_out), self.project_out.bias)
 
 
 class ESAM(nn.Module):
@@ -274,7 +321,14 @@ class ESAM(nn.Module):
         return torch.cat([rows, cols], dim=-1)
 
     def forward(self, x: torch.Tensor, shift: torch.Tensor | None = None) -> torch.Tensor:
-        """ESAM of ``x + shift``; ``shift`` (C,) commutes with max-pooling and is folded into the qkv projection."""
+        """ESAM of ``x + shift`` at full resolution."""
+        return self.upsample_rows(self.attend(x, shift), 0, x.shape[1])
+
+    def attend(self, x: torch.Tensor, shift: torch.Tensor | None = None) -> torch.Tensor:
+        """ESAM of ``x + shift`` before upsampling: (B, H / downsample, W / downsample, C).
+
+        ``shift`` (C,) commutes with max-pooling and is folded into the qkv projection.
+        """
         if self.downsample > 1:
             x = F.max_pool2d(x.permute(0, 3, 1, 2), 2, self.downsample).permute(0, 2, 3, 1)
         b, h, w, c = x.shape
@@ -296,10 +350,32 @@ class ESAM(nn.Module):
         out = out.view(b, nh, nw, heads, bs, bs, head_dim).permute(0, 1, 4, 2, 5, 3, 6)
         out = out.clone(memory_format=torch.contiguous_format).view(b, h, w, c)  # a new tensor in every case
         if self.downsample > 1:
-            depthwise, upsample = self.LocalProp
+            depthwise = self.LocalProp[0]
             out = conv2d_reflect(out, depthwise.weight, depthwise.bias, groups=depthwise.groups)
-            out = upsample(out.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         return out
+
+    def upsample_rows(self, low: torch.Tensor, r0: int, r1: int, height: int) -> torch.Tensor:
+        """Rows ``[r0, r1)`` of the ESAM output (``height`` rows) from ``low``, the output of :meth:`attend`.
+
+        The whole map is upsampled by ``nn.Upsample`` (bilinear, corners aligned) as in the published module.
+        A band of rows is interpolated vertically at the positions the whole map uses (computed in float32 as
+        PyTorch does), then horizontally by a same-height resize, whose vertical weights are exactly zero.
+        """
+        if self.downsample == 1:
+            return _rows(low, r0, r1)
+        upsample = self.LocalProp[1]
+        if r0 == 0 and r1 == height:
+            return upsample(low.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        h, w = low.shape[1:3]
+        scale = torch.tensor(h - 1, dtype=torch.float32) / (height - 1)
+        pos = torch.arange(r0, r1, dtype=torch.float32) * scale
+        top = pos.long()
+        weight = (pos - top).to(low)[:, None, None]
+        top, bottom = top.to(low.device), (top + 1).clamp_(max=h - 1).to(low.device)
+        rows = torch.lerp(low.index_select(1, top), low.index_select(1, bottom), weight)
+        out = F.interpolate(rows.permute(0, 3, 1, 2), size=(r1 - r0, w * self.downsample), mode='bilinear',
+                            align_corners=True)
+        return out.permute(0, 2, 3, 1)
 
 
 class SSRMStep(nn.Module):
@@ -313,7 +389,8 @@ class SSRMStep(nn.Module):
 
     Every sum is taken inside a 1x1 projection, and the output biases of MSGM_1 and MSGM_2 are carried to
     where they meet a linear map (ESAM's qkv projection, MSGM_4's input projections) instead of being added
-    to full-size maps.
+    to full-size maps. Everything but ESAM's attention can run on bands of rows (with the halo rows their
+    depthwise convolutions need), which keeps the intermediate maps of a band in the CPU cache.
     """
 
     def __init__(
@@ -334,14 +411,44 @@ class SSRMStep(nn.Module):
         self.s4 = MSGM(num_feat, expansion, kernel_size)
         self.ffn = MSGM(num_feat, expansion, kernel_size)
 
-    def forward(self, a: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        a = self.norm(a)
-        out1, out2, out4 = self.s1.project_out, self.s2.project_out, self.s4.project_out
-        b = linear_nhwc(self.s2.gated(a), _matrix(out2))  # b - out2.bias
-        v = linear_nhwc(self.s1.gated(a), _matrix(out1), add=_add_(a, y))  # v - out1.bias
-        u = self.s3(v, shift=out1.bias).add_(v).sub_(b)  # v - b - out1.bias + out2.bias
-        a = linear_nhwc(self.s4.gated(u, shift=out1.bias - out2.bias), _matrix(out4), out4.bias + out2.bias, add=b)
-        return self.ffn(a, residual=a)
+    def forward(
+        self,
+        a: torch.Tensor,
+        y: torch.Tensor,
+        band_rows: int | None = None,
+        out: torch.Tensor | None = None,
+        scratch: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """The next estimate from estimate ``a`` and head features ``y``.
+
+        With ``band_rows`` (inference, batch of one), bands of that many rows are written into ``out`` (which
+        may be ``a`` itself) through the two maps of ``scratch``; otherwise new tensors are returned.
+        """
+        height, p = a.shape[1], self.s1.halo
+        bands = _bands(height, band_rows)
+        out1, out2, out4, outf = self.s1.project_out, self.s2.project_out, self.s4.project_out, self.ffn.project_out
+        v_map, b_map = scratch if scratch is not None else (None, None)
+        for r0, r1 in bands:
+            lo, hi, top, bottom = _window(r0, r1, p, height)
+            x = self.norm(_rows(a, lo, hi))
+            b = _store(linear_nhwc(self.s2.gated(x, top, bottom), _matrix(out2)), b_map, r0)  # b - out2.bias
+            z = self.s1.gated(x, top, bottom)
+            v_rows = _add_(_rows(x, r0 - lo, r1 - lo), _rows(y, r0, r1))
+            v = _store(linear_nhwc(z, _matrix(out1), add=v_rows, accumulate=True), v_map, r0)  # v - out1.bias
+        low = self.s3.attend(v, shift=out1.bias)
+        shift4, bias4 = out1.bias - out2.bias, out4.bias + out2.bias
+        for r0, r1 in bands:
+            lo, hi, top, bottom = _window(r0, r1, p, height)  # rows of MSGM_4(v - b) + b for MSGM_ffn
+            u_lo, u_hi, u_top, u_bottom = _window(lo, hi, p, height)
+            u = torch.add(self.s3.upsample_rows(low, u_lo, u_hi, height), _rows(v, u_lo, u_hi))
+            u = u.sub_(_rows(b, u_lo, u_hi))  # v - b - out1.bias + out2.bias
+            refined = linear_nhwc(self.s4.gated(u, u_top, u_bottom, shift=shift4), _matrix(out4), bias4,
+                                  add=_rows(b, lo, hi), accumulate=len(bands) == 1)
+            inner = _rows(refined, r0 - lo, r1 - lo)
+            a_next = linear_nhwc(self.ffn.gated(refined, top, bottom), _matrix(outf), outf.bias, add=inner,
+                                 accumulate=True)
+            result = _store(a_next, out, r0)
+        return result
 
 
 class MoEFeatureSelector(nn.Module):
@@ -368,7 +475,7 @@ class MoEFeatureSelector(nn.Module):
         for i in (1, 2):
             out = out.addcmul(gates[..., i, :], experts[i])
         skip = out.clone() if residual is None else out + residual
-        return linear_nhwc(out, _matrix(self.fuse), self.fuse.bias, add=skip), gates
+        return linear_nhwc(out, _matrix(self.fuse), self.fuse.bias, add=skip, accumulate=True), gates
 
 
 @ARCH_REGISTRY.register()
@@ -413,6 +520,7 @@ class SSIU(nn.Module):
             raise ValueError(f'pad_multiple ({pad_multiple}) must be a multiple of block_size * attn_downsample '
                              f'({block_size * attn_downsample})')
         self.upscale, self.pad_multiple = upscale, pad_multiple
+        self.band_bytes = BAND_BYTES
         self.expert_steps = tuple(expert_steps) if expert_steps is not None else expert_steps_for(num_block)
         if len(self.expert_steps) != 3 or not all(0 <= s <= num_block for s in self.expert_steps):
             raise ValueError(f'expert_steps must be three steps in [0, {num_block}], got {expert_steps}')
@@ -490,6 +598,19 @@ class SSIU(nn.Module):
         out[:, :, done:] = F.conv2d(bottom.permute(0, 3, 1, 2), last.weight, last.bias)
         return out
 
+    def band_rows(self, x: torch.Tensor) -> int | None:
+        """Rows per band of the unfolding steps for the padded LR input ``x``, or None to process whole maps.
+
+        Bands apply to CPU inference on feature maps larger than ``WHOLE_MAP_BYTES``, where the result is the
+        same and the allocations stay small; training (autograd), tracing, compiling and GPUs use whole maps.
+        """
+        map_bytes = x.shape[-2] * x.shape[-1] * self.head.out_channels * x.element_size()
+        if (x.device.type != 'cpu' or not self.band_bytes or map_bytes <= WHOLE_MAP_BYTES
+                or torch.jit.is_tracing() or torch.compiler.is_compiling()
+                or (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())))):
+            return None
+        return max(1, self.band_bytes * x.shape[-2] // map_bytes)
+
     def forward(self, x: torch.Tensor, return_aux: bool = False):
         """Super-resolve ``x``.
 
@@ -499,20 +620,39 @@ class SSIU(nn.Module):
         would be if the gate chose that step alone, fuse aside).
         """
         h, w = x.shape[-2:]
+        images = x
         x = pad_to_multiple(x, self.pad_multiple)
+        band_rows = self.band_rows(x)
+        if band_rows is not None and x.shape[0] > 1:  # bands are taken from one image at a time
+            results = [self(image, return_aux) for image in images.split(1)]
+            if not return_aux:
+                return torch.cat(results)
+            outs, auxes = zip(*results)
+            steps = [torch.cat(step) for step in zip(*(aux['step_outputs'] for aux in auxes))]
+            return torch.cat(outs), {'gates': torch.cat([aux['gates'] for aux in auxes]), 'step_outputs': steps}
         y = conv2d_reflect(x.permute(0, 2, 3, 1).contiguous(), self.head.weight, self.head.bias)
+        scratch = (torch.empty_like(y), torch.empty_like(y)) if band_rows is not None else None
         estimates = {0: y}
         a = y
         for step, block in enumerate(self.body, start=1):
-            a = block(a, y)
+            out = None
+            if scratch is not None:  # write over the previous estimate unless it is kept
+                out = a if a is not y and step - 1 not in self.expert_steps else torch.empty_like(y)
+            a = block(a, y, band_rows, out=out, scratch=scratch)
             if step in self.expert_steps:
                 estimates[step] = a
         experts = [estimates[s] for s in self.expert_steps]
-        fused, gates = self.moe(experts, residual=y)
+        fused = scratch[0] if scratch is not None else None
+        gates = []
+        for r0, r1 in _bands(y.shape[1], band_rows):
+            part, gate = self.moe([_rows(e, r0, r1) for e in experts], residual=_rows(y, r0, r1))
+            fused = _store(part, fused, r0)
+            gates.append(gate)
         skip = F.interpolate(x, scale_factor=self.upscale, mode='bilinear', align_corners=False)
         s = self.upscale
         out = (skip + self.reconstruct(fused))[..., :h * s, :w * s]
         if not return_aux:
             return out
+        gates = torch.cat(gates, dim=1) if len(gates) > 1 else gates[0]
         steps = [(skip + self.reconstruct(e + y))[..., :h * s, :w * s] for e in experts]
         return out, {'gates': gates.permute(0, 3, 4, 1, 2)[..., :h, :w], 'step_outputs': steps}

@@ -236,3 +236,53 @@ def test_convert_rejects_a_state_dict_that_does_not_fit(tmp_path):
     torch.save({'params': state}, src)
     with pytest.raises(CheckpointError, match='does not fit'):
         convert(src, tmp_path / 'out.pth')
+
+
+@pytest.mark.parametrize('scale, band_rows, batch, size',
+                         [(2, 1, 2, (17, 23)), (3, 3, 1, (40, 21)), (4, 5, 2, (33, 34))])
+def test_row_bands_give_the_whole_map_result(monkeypatch, scale, band_rows, batch, size):
+    import ssiu_arch.ssiu_arch as arch
+
+    net = tiny(upscale=scale, num_block=4)
+    for p in net.parameters():
+        p.data.normal_(0, 0.2)
+    x = torch.rand(batch, 3, *size)
+    with torch.no_grad():
+        whole, whole_aux = net(x, return_aux=True)
+        monkeypatch.setattr(arch, 'WHOLE_MAP_BYTES', 0)
+        padded_width = -(-size[1] // 16) * 16
+        net.band_bytes = band_rows * padded_width * 16 * 4
+        assert net.band_rows(pad_to_multiple(x, 16)) == band_rows
+        banded, banded_aux = net(x, return_aux=True)
+    assert (banded - whole).abs().max() <= 1e-5
+    assert (banded_aux['gates'] - whole_aux['gates']).abs().max() <= 1e-6
+    for a, b in zip(banded_aux['step_outputs'], whole_aux['step_outputs']):
+        assert (a - b).abs().max() <= 1e-5
+
+
+def test_row_bands_reproduce_the_published_reference(monkeypatch, tmp_path):
+    import ssiu_arch.ssiu_arch as arch
+    from ssiu_arch.convert import load_ssiu
+
+    ref = load_reference(REFERENCES[-1])
+    convert_and_check(REFERENCES[-1], tmp_path)
+    net = load_ssiu(tmp_path / 'net.pth').eval()
+    monkeypatch.setattr(arch, 'WHOLE_MAP_BYTES', 0)
+    net.band_bytes = 1  # one row per band
+    with torch.no_grad():
+        assert net.band_rows(ref['input']) == 1
+        out = net(ref['input'])
+    assert (out - ref['output']).abs().max() <= 1e-4
+
+
+def test_band_of_upsampled_attention_rows_matches_whole_map():
+    from ssiu_arch.ssiu_arch import ESAM
+
+    esam = ESAM(16)
+    for h in (8, 13, 48):
+        low = torch.rand(2, h, 11, 16)
+        whole = F.interpolate(low.permute(0, 3, 1, 2), scale_factor=2, mode='bilinear', align_corners=True)
+        whole = whole.permute(0, 2, 3, 1)
+        for r0, r1 in ((0, 1), (0, 5), (3, 2 * h - 1), (2 * h - 1, 2 * h), (h, h + 3)):
+            rows = esam.upsample_rows(low, r0, r1, 2 * h)
+            assert (rows - whole[:, r0:r1]).abs().max() <= 1e-6, (h, r0, r1)
