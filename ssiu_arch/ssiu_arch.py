@@ -322,7 +322,8 @@ class ESAM(nn.Module):
 
     def forward(self, x: torch.Tensor, shift: torch.Tensor | None = None) -> torch.Tensor:
         """ESAM of ``x + shift`` at full resolution."""
-        return self.upsample_rows(self.attend(x, shift), 0, x.shape[1])
+        height = x.shape[1]
+        return self.upsample_rows(self.attend(x, shift), 0, height, height)
 
     def attend(self, x: torch.Tensor, shift: torch.Tensor | None = None) -> torch.Tensor:
         """ESAM of ``x + shift`` before upsampling: (B, H / downsample, W / downsample, C).

@@ -278,7 +278,7 @@ def test_row_bands_reproduce_the_published_reference(monkeypatch, tmp_path):
 def test_band_of_upsampled_attention_rows_matches_whole_map():
     from ssiu_arch.ssiu_arch import ESAM
 
-    esam = ESAM(16)
+    esam = ESAM(16).eval()
     for h in (8, 13, 48):
         low = torch.rand(2, h, 11, 16)
         whole = F.interpolate(low.permute(0, 3, 1, 2), scale_factor=2, mode='bilinear', align_corners=True)
@@ -286,3 +286,8 @@ def test_band_of_upsampled_attention_rows_matches_whole_map():
         for r0, r1 in ((0, 1), (0, 5), (3, 2 * h - 1), (2 * h - 1, 2 * h), (h, h + 3)):
             rows = esam.upsample_rows(low, r0, r1, 2 * h)
             assert (rows - whole[:, r0:r1]).abs().max() <= 1e-6, (h, r0, r1)
+    x = torch.rand(1, 32, 48, 16)
+    with torch.no_grad():
+        whole = esam(x)
+        rows = esam.upsample_rows(esam.attend(x), 5, 20, 32)
+    assert whole.shape == x.shape and (rows - whole[:, 5:20]).abs().max() <= 1e-6
