@@ -342,12 +342,19 @@ class ESAM(nn.Module):
         # Queries: (B * blocks, heads, bs², head_dim).
         q = qkv[..., :c].reshape(b, nh, bs, nw, bs, heads, head_dim).permute(0, 1, 3, 5, 2, 4, 6)
         q = q.reshape(b * nh * nw, heads, bs * bs, head_dim)
-        # Keys and values: overlapping (bs + 2 halo)² windows with stride bs over the zero-padded map.
-        kv = _halo_windows(F.pad(qkv[..., c:], (0, 0, halo, halo, halo, halo)), bs, halo)
-        kv = kv.reshape(b, nh, window, nw, window, 2, heads, head_dim).permute(5, 0, 1, 3, 6, 2, 4, 7)
-        k = kv[0].reshape(b * nh * nw, heads, window, window, head_dim) + self.key_embedding()
+        # Keys and values: overlapping (bs + 2 halo)² windows with stride bs over the zero-padded map,
+        # (2, B, nh, nw, heads, window, window, head_dim).
+        kv = F.pad(qkv[..., c:], (0, 0, halo, halo, halo, halo))
+        if torch.jit.is_tracing():
+            kv = _halo_windows(kv, bs, halo).reshape(b, nh, window, nw, window, 2, heads, head_dim)
+            kv = kv.permute(5, 0, 1, 3, 6, 2, 4, 7)
+        else:  # a strided view of the padded map, read once by the copies below
+            s_b, s_h, s_w, _ = kv.stride()
+            kv = kv.as_strided((2, b, nh, nw, heads, window, window, head_dim),
+                               (c, s_b, bs * s_h, bs * s_w, head_dim, s_h, s_w, 1), kv.storage_offset())
+        k = torch.add(kv[0], self.key_embedding()).reshape(b * nh * nw, heads, window * window, head_dim)
         v = kv[1].reshape(b * nh * nw, heads, window * window, head_dim)
-        out = F.scaled_dot_product_attention(q, k.flatten(2, 3), v)
+        out = F.scaled_dot_product_attention(q, k, v)
         out = out.view(b, nh, nw, heads, bs, bs, head_dim).permute(0, 1, 4, 2, 5, 3, 6)
         out = out.clone(memory_format=torch.contiguous_format).view(b, h, w, c)  # a new tensor in every case
         if self.downsample > 1:
