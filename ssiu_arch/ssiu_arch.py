@@ -18,7 +18,8 @@ Speed: the network is mostly 1x1 convolutions of 64 channels, whose cost on CPU 
 single matrix product over contiguous pixels; elementwise work is folded into those products (GELU, gating
 product and residual sums as oneDNN post-ops at CPU inference, written in place where the addend is not
 needed again; per-channel biases moved across linear maps); reflect padding is never materialised at full
-size (:func:`conv2d_reflect`), and the tail runs in bands of rows, so no full-size HR feature map exists.
+size (:func:`conv2d_reflect`), and the tail runs in bands of rows, so no full-size HR feature map exists; its
+final 3x3 convolution is one matrix product for its 9 taps x 3 outputs, whose maps are shifted and summed.
 Training, tracing and ONNX export run the same computation with standard operators. Results equal the
 published network up to float32 rounding.
 """
@@ -42,8 +43,9 @@ _POINTWISE = ([0, 0], [1, 1], [1, 1], 1)  # padding, stride, dilation, groups of
 # stay below it (``SSIU.band_bytes``; 0 processes whole maps).
 WHOLE_MAP_BYTES = 32 << 20
 BAND_BYTES = 8 << 20
-# HR pixels per band of the tail (a 64-channel band is 16 MiB): bands small enough for the allocator to reuse.
-TAIL_BAND_PIXELS = 1 << 16
+# HR pixels per band of the tail (its 64-channel features are 8 MiB, its 27 tap maps 3.4 MiB): small enough to
+# stay in cache and for the allocator to reuse.
+TAIL_BAND_PIXELS = 1 << 15
 
 
 def _onednn_applies(*tensors: torch.Tensor | None) -> bool:
@@ -225,6 +227,29 @@ def _store(part: torch.Tensor, out: torch.Tensor | None, r0: int) -> torch.Tenso
         return part
     out[:, r0:r0 + part.shape[1]] = part
     return out
+
+
+def _column_sums(t: torch.Tensor) -> torch.Tensor:
+    """Sums over ``kx`` of tap maps (3 kx, 3 ky, B, C, h, r, W) shifted by their column tap, reflected at the sides.
+
+    Returns (3 ky, B, C, h r, W). ``t`` may be any strided view (such as the unshuffled maps of
+    :meth:`SSIU._tap_maps`): reading it is its only copy.
+    """
+    u = t.new_empty(t.shape[1:])
+    torch.add(t[1][..., 1:], t[0][..., :-1], out=u[..., 1:])
+    torch.add(t[1][..., 0], t[0][..., 1], out=u[..., 0])
+    u[..., :-1] += t[2][..., 1:]
+    u[..., -1] += t[2][..., -2]
+    return u.flatten(-3, -2)
+
+
+def _shifted_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum of the tap maps (k kx, k ky, B, C, h, r, W) shifted by their tap, reflect padded: (B, C, h r, W)."""
+    k, c = t.shape[0], t.shape[3]
+    p = k // 2
+    padded = F.pad(t.flatten(-3, -2).flatten(0, 3), (p,) * 4, mode='reflect').unflatten(0, (k, k, -1))
+    out = sum(padded[kx, ky, :, ky:ky - 2 * p or None, kx:kx - 2 * p or None] for kx in range(k) for ky in range(k))
+    return out.unflatten(0, (-1, c))
 
 
 class ChannelLayerNorm(nn.Module):
@@ -549,61 +574,65 @@ class SSIU(nn.Module):
         layers.append(nn.Conv2d(num_feat, num_out_ch, 3, padding=1, padding_mode='reflect'))
         return layers
 
-    def _shuffled(self, feat: torch.Tensor) -> torch.Tensor:
-        """The tail's upsampling stages, (B, h, w, C) -> (B, h, i1, i2, ..., w, j1, j2, ..., C'), a strided view.
+    def _tap_maps(self, feat: torch.Tensor) -> torch.Tensor:
+        """Products of the final 3x3 convolution's taps with the upsampled features (B, h, w, C).
 
-        Pixel shuffle only moves pixels, so the 1x1 convolutions and GELUs of all stages run on the
-        unshuffled map, with output channels reordered so that one copy of whole C'-vectors (the caller's
-        reshape) does every shuffle at once.
+        Returns a strided view (3 kx, 3 ky, B, C_out, h', r, sw) of planar maps, ``h' r = sh`` (``r`` the last
+        stage's factor): ``[kx, ky, :, o]`` is the HR feature map times ``weight[o, :, ky, kx]``, a 1x1 product;
+        the convolution is the bias plus the sum of the nine maps shifted by their tap. The stages run on the
+        unshuffled map (1x1 products and GELUs commute with pixel shuffle): all but the last are shuffled as
+        whole C-vectors, the last is never shuffled, only its 27-channel tap products are, by the view. Its
+        sub-pixel channels are ordered (j, i), so that an HR row of that view is a run with stride ``r``.
         """
-        *stages, _ = self.tail
+        *stages, last = self.tail
         b, h, w, c = feat.shape
-        factors = []
-        for conv, shuffle in zip(stages[0::3], stages[1::3]):
+        r = 1
+        for index, (conv, shuffle) in enumerate(zip(stages[0::3], stages[1::3])):
+            if index:  # shuffle the previous stage: (B, h, w, j, i, C) -> (B, h i, w j, C)
+                feat = feat.reshape(b, h, w, r, r, c).permute(0, 1, 4, 2, 3, 5).reshape(b, h * r, w * r, c)
+                h, w = h * r, w * r
             r = shuffle.upscale_factor
-            weight = conv.weight.view(-1, r, r, c).permute(1, 2, 0, 3).reshape(conv.out_channels, c)
-            bias = conv.bias.view(-1, r, r).permute(1, 2, 0).reshape(-1)
-            feat = linear_nhwc(feat.reshape(b, h, -1, c), weight, bias, gelu=True)
+            weight = conv.weight.view(-1, r, r, c).permute(2, 1, 0, 3).reshape(conv.out_channels, c)
+            bias = conv.bias.view(-1, r, r).permute(2, 1, 0).reshape(-1)
+            feat = linear_nhwc(feat, weight, bias, gelu=True)
             c = conv.out_channels // (r * r)
-            factors.append(r)
-        # (B, h, w, i1, j1, i2, j2, ..., C') -> (B, h, i1, i2, ..., w, j1, j2, ..., C')
-        feat = feat.reshape(b, h, w, *(r for r in factors for _ in 'ij'), c)
-        rows, cols = range(3, 3 + 2 * len(factors), 2), range(4, 4 + 2 * len(factors), 2)
-        return feat.permute(0, 1, *rows, 2, *cols, feat.dim() - 1)
+        k, o = last.kernel_size[0], last.out_channels
+        taps = last.weight.permute(3, 2, 0, 1).reshape(k * k * o, c)  # rows (kx, ky, o)
+        t = torch.mm(taps, feat.reshape(-1, c).T)  # (k k o, B h w r r), pixels (b, y, x, j, i)
+        return t.view(k, k, o, b, h, w, r, r).permute(0, 1, 3, 2, 4, 7, 5, 6).flatten(-2)
 
     def reconstruct(self, feat: torch.Tensor) -> torch.Tensor:
         """The tail on channels-last features (B, H, W, C) -> (B, num_out_ch, sH, sW).
 
-        Maps whose HR features exceed ``TAIL_BAND_PIXELS`` pixels run in bands of LR rows, so that no
-        full-size HR feature map is allocated. The 3x3 convolution of a band is delayed by one HR row, which
-        it takes from the next band: the result is the whole-image reflect-padded convolution, row for row.
+        The reflect-padded 3x3 convolution is the bias plus the sum of its shifted tap products
+        (:meth:`_tap_maps`): a 64 -> 27 matrix product instead of a direct convolution, and no HR feature map
+        is ever copied. At inference, maps whose HR output exceeds ``TAIL_BAND_PIXELS`` pixels run in bands of
+        LR rows, so that no full-size HR feature map is allocated: a band adds its taps that reach the row above
+        it to the previous band's output and carries those that reach the row below it to the next band.
+        Autograd and tracing (ONNX export) reflect-pad and sum the taps of the whole map.
         """
-        last = self.tail[-1]
         b, h, w, _ = feat.shape
-        s = self.upscale
+        s, bias = self.upscale, self.tail[-1].bias
+        grad = torch.is_grad_enabled() and (feat.requires_grad or any(p.requires_grad for p in self.tail.parameters()))
+        if grad or torch.jit.is_tracing():
+            return _shifted_sum(self._tap_maps(feat)) + bias[:, None, None]
         band_rows = max(2, TAIL_BAND_PIXELS // (w * s * s))
-        if torch.jit.is_tracing() or band_rows >= h:
-            hr = self._shuffled(feat).reshape(b, h * s, w * s, -1)
-            return conv2d_reflect(hr, last.weight, last.bias).permute(0, 3, 1, 2)
-        out = feat.new_empty(b, last.out_channels, h * s, w * s)
-        carry, done = None, 0
-        for r0 in range(0, h, band_rows):
-            hr = self._shuffled(feat[:, r0:r0 + band_rows])
-            # two rows above for the carried HR rows, one reflected column on each side
-            band = hr.new_empty(b, 2 + hr.shape[1] * s, 2 + w * s, hr.shape[-1])
-            band[:, 2:, 1:-1].view(hr.shape).copy_(hr)
-            band[:, 2:, 0], band[:, 2:, -1] = band[:, 2:, 2], band[:, 2:, -3]
-            if carry is None:
-                band[:, 1] = band[:, 3]  # reflection of HR row 1 above row 0
-                rows = F.conv2d(band[:, 1:].permute(0, 3, 1, 2), last.weight, last.bias)
-            else:
-                band[:, :2] = carry
-                rows = F.conv2d(band.permute(0, 3, 1, 2), last.weight, last.bias)
-            out[:, :, done:done + rows.shape[2]] = rows
-            done += rows.shape[2]
-            carry = band[:, -2:]
-        bottom = torch.cat([carry, carry[:, :1]], dim=1)  # reflection of the row before last below the last
-        out[:, :, done:] = F.conv2d(bottom.permute(0, 3, 1, 2), last.weight, last.bias)
+        starts = list(range(0, h, band_rows))
+        if len(starts) > 1 and (h - starts[-1]) * s < 2:  # the last HR row needs the one above it in its band
+            starts.pop()
+        out = feat.new_empty(b, self.tail[-1].out_channels, h * s, w * s)
+        above = None  # taps of the row above the band that reach into it (summed over kx)
+        for r0, r1 in zip(starts, starts[1:] + [h]):
+            u = _column_sums(self._tap_maps(feat[:, r0:r1].contiguous()))
+            u[1] += bias[:, None, None]
+            rows = out[:, :, r0 * s:r1 * s]
+            torch.add(u[1][:, :, 1:], u[0][:, :, :-1], out=rows[:, :, 1:])
+            torch.add(u[1][:, :, 0], u[0][:, :, 1] if above is None else above, out=rows[:, :, 0])
+            rows[:, :, :-1] += u[2][:, :, 1:]
+            if r0:
+                out[:, :, r0 * s - 1] += u[2][:, :, 0]
+            above = u[0][:, :, -1]
+        out[:, :, -1] += u[2][:, :, -2]
         return out
 
     def band_rows(self, x: torch.Tensor) -> int | None:

@@ -291,3 +291,24 @@ def test_band_of_upsampled_attention_rows_matches_whole_map():
         whole = esam(x)
         rows = esam.upsample_rows(esam.attend(x), 5, 20, 32)
     assert whole.shape == x.shape and (rows - whole[:, 5:20]).abs().max() <= 1e-6
+
+
+@pytest.mark.parametrize('scale', [2, 3, 4])
+def test_tail_tap_sums_match_the_standard_modules(monkeypatch, scale):
+    """Banded tap sums (inference) and whole-map tap sums (autograd) equal ``tail``'s own modules on NCHW maps."""
+    import ssiu_arch.ssiu_arch as arch
+
+    net = tiny(upscale=scale, num_feat=64)
+    for (batch, h, w), rows in [((2, 9, 13), (1, 2, 3, 4, 9)), ((1, 7, 5), (2, 3, 6)), ((1, 2, 3), (1, 2))]:
+        feat = torch.randn(batch, h, w, 64)
+        with torch.no_grad():
+            expected = net.tail(feat.permute(0, 3, 1, 2))
+        for band_rows in rows:  # bands of 2 rows at least; a last band of one row joins the one before
+            monkeypatch.setattr(arch, 'TAIL_BAND_PIXELS', band_rows * w * scale * scale)
+            with torch.inference_mode():
+                got = net.reconstruct(feat)
+            assert (got - expected).abs().max() <= 1e-5, (batch, h, w, band_rows)
+        whole = net.reconstruct(feat.requires_grad_())  # autograd: the whole map, standard operators
+        assert (whole - expected).abs().max() <= 1e-5
+        whole.sum().backward()
+        assert feat.grad.abs().sum() > 0
