@@ -2,10 +2,11 @@
 
 Inference cases are the ~1280x720-output inputs of the lightweight-SR literature (x2 640x360, x3 426x240,
 x4 320x180), each measured in a fresh process by :mod:`ssiu_arch.benchmark` (the code behind ``ssiu bench``),
-with glibc malloc left at its defaults and tuned to retain freed memory. The training step is one
-forward + backward of an x2 batch of 8 LR patches of 64x64.
+with glibc malloc left at its defaults and tuned to retain freed memory. ``--maps compare`` times each case
+twice, with whole feature maps and with 8 MiB row bands (by default SSIU chooses: bands above 32 MiB maps).
+The training step is one forward + backward of an x2 batch of 8 LR patches of 64x64.
 
-    python benchmarks/bench_speed.py [--threads 2] [--runs 5] [--malloc both|retain|default]
+    python benchmarks/bench_speed.py [--threads 2] [--runs 5] [--malloc both|retain|default] [--maps auto|compare]
 """
 from __future__ import annotations
 
@@ -21,17 +22,21 @@ def main() -> None:
     parser.add_argument('--threads', type=int, default=2)
     parser.add_argument('--runs', type=int, default=5, help='timed passes per case after the first')
     parser.add_argument('--malloc', choices=('both', 'retain', 'default'), default='both')
+    parser.add_argument('--maps', choices=('auto', 'compare'), default='auto',
+                        help="SSIU's own choice of whole maps or row bands, or both timed (compare)")
     args = parser.parse_args()
     modes = {'both': (True, False), 'retain': (True,), 'default': (False,)}[args.malloc]
+    maps = ('whole', 'bands') if args.maps == 'compare' else ('auto',)
 
     print(f'machine: {machine_description()}; torch {torch.__version__}; threads {args.threads}')
     print(f'load average at start: {load_average()}', flush=True)
     rows = []
     for retain in modes:
         for scale, input_hw in DEFAULT_INPUTS.items():
-            rows.append(run_case('inference', arch='SSIU', scale=scale, input_hw=input_hw, threads=args.threads,
-                                 runs=args.runs, retain_memory=retain))
-            print(format_rows(rows[-1:]).splitlines()[-1], f'(load {load_average()})', flush=True)
+            for choice in maps:
+                rows.append(run_case('inference', arch='SSIU', scale=scale, input_hw=input_hw, threads=args.threads,
+                                     runs=args.runs, retain_memory=retain, maps=choice))
+                print(format_rows(rows[-1:]).splitlines()[-1], f'(load {load_average()})', flush=True)
     print()
     print(format_rows(rows))
     print('MACs(G) are for a 1280x720 output; efficiency = multiply-adds/s of the pass on its input divided by '

@@ -118,11 +118,22 @@ def load_average() -> str:
 
 
 def measure_inference(arch: str, scale: int, input_hw: tuple[int, int], threads: int = 2, runs: int = 5,
-                      net_opt: dict | None = None, retain_memory: bool = True) -> dict:
-    """One bench row, measured in this process (see the module docstring; :func:`run_case` isolates it)."""
+                      net_opt: dict | None = None, retain_memory: bool = True, maps: str = 'auto') -> dict:
+    """One bench row, measured in this process (see the module docstring; :func:`run_case` isolates it).
+
+    ``maps`` is SSIU's choice of whole feature maps or row bands: its own rule (``auto``), ``whole`` or
+    ``bands`` (8 MiB bands on maps of any size).
+    """
     malloc = 'retain' if retain_memory and retain_freed_memory() else 'default'
     torch.set_num_threads(threads)
     net = build_net(arch, scale, **(net_opt or {}))
+    if maps != 'auto':
+        if not hasattr(net, 'band_bytes'):
+            raise BenchError(f'{arch} has no row bands (maps={maps!r})')
+        if maps == 'bands':
+            net.whole_map_bytes = 0
+        else:
+            net.band_bytes = 0
     in_ch = next((m.in_channels for m in net.modules() if isinstance(m, nn.Conv2d)), 3)
     h, w = input_hw
     try:
@@ -146,7 +157,7 @@ def measure_inference(arch: str, scale: int, input_hw: tuple[int, int], threads:
         'macs_g': None if macs_g is None else round(macs_g, 2), 'input': f'{w}x{h}',
         'latency_ms': round(latency * 1e3, 1), 'peak_mem_mb': round(peak - base, 1),
         'efficiency': None if efficiency is None else round(efficiency, 3), 'threads': threads,
-        'machine': machine_description(), 'malloc': malloc,
+        'machine': machine_description(), 'malloc': malloc, 'maps': maps,
     }
 
 
@@ -198,12 +209,13 @@ def _child_main() -> None:
 def format_rows(rows: list[dict]) -> str:
     """A fixed-width table of bench rows."""
     lines = [f'{"model":<10} {"scale":>5} {"input":>9} {"params":>9} {"MACs(G)":>8} {"latency(ms)":>12} '
-             f'{"peak mem(MB)":>13} {"efficiency":>10} {"malloc":>8}']
+             f'{"peak mem(MB)":>13} {"efficiency":>10} {"malloc":>8} {"maps":>6}']
     for r in rows:
         macs = '-' if r['macs_g'] is None else f'{r["macs_g"]:.1f}'
         eff = '-' if r['efficiency'] is None else f'{r["efficiency"]:.3f}'
         lines.append(f'{r["model"]:<10} {"x" + str(r["scale"]):>5} {r["input"]:>9} {r["params"]:>9,} {macs:>8} '
-                     f'{r["latency_ms"]:>12.1f} {r["peak_mem_mb"]:>13.1f} {eff:>10} {r.get("malloc", "-"):>8}')
+                     f'{r["latency_ms"]:>12.1f} {r["peak_mem_mb"]:>13.1f} {eff:>10} {r.get("malloc", "-"):>8} '
+                     f'{r.get("maps", "-"):>6}')
     return '\n'.join(lines)
 
 

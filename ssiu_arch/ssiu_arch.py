@@ -17,9 +17,10 @@ Speed: the network is mostly 1x1 convolutions of 64 channels, whose cost on CPU 
 :class:`SSIU` every feature map is therefore channels-last ``(B, H, W, C)``, so that a 1x1 convolution is a
 single matrix product over contiguous pixels; elementwise work is folded into those products (GELU, gating
 product and residual sums as oneDNN post-ops at CPU inference, written in place where the addend is not
-needed again; per-channel biases moved across linear maps); reflect padding is never materialised at full
-size (:func:`conv2d_reflect`), and the tail runs in bands of rows, so no full-size HR feature map exists; its
-final 3x3 convolution is one matrix product for its 9 taps x 3 outputs, whose maps are shifted and summed.
+needed again; per-channel biases moved across linear maps). On maps above 32 MiB the unfolding steps run in
+bands of rows with the halo rows of their depthwise convolutions, which keeps allocations small; the tail
+always runs in bands, so no full-size HR feature map exists, and its final 3x3 convolution is one matrix
+product for its 9 taps x 3 outputs, whose maps are shifted and summed.
 Training, tracing and ONNX export run the same computation with standard operators. Results equal the
 published network up to float32 rounding.
 """
@@ -553,7 +554,7 @@ class SSIU(nn.Module):
             raise ValueError(f'pad_multiple ({pad_multiple}) must be a multiple of block_size * attn_downsample '
                              f'({block_size * attn_downsample})')
         self.upscale, self.pad_multiple = upscale, pad_multiple
-        self.band_bytes = BAND_BYTES
+        self.band_bytes, self.whole_map_bytes = BAND_BYTES, WHOLE_MAP_BYTES
         self.expert_steps = tuple(expert_steps) if expert_steps is not None else expert_steps_for(num_block)
         if len(self.expert_steps) != 3 or not all(0 <= s <= num_block for s in self.expert_steps):
             raise ValueError(f'expert_steps must be three steps in [0, {num_block}], got {expert_steps}')
@@ -638,11 +639,12 @@ class SSIU(nn.Module):
     def band_rows(self, x: torch.Tensor) -> int | None:
         """Rows per band of the unfolding steps for the padded LR input ``x``, or None to process whole maps.
 
-        Bands apply to CPU inference on feature maps larger than ``WHOLE_MAP_BYTES``, where the result is the
-        same and the allocations stay small; training (autograd), tracing, compiling and GPUs use whole maps.
+        Bands of ``band_bytes`` apply to CPU inference on feature maps larger than ``whole_map_bytes`` (module
+        attributes, default ``BAND_BYTES`` and ``WHOLE_MAP_BYTES``), where the result is the same and the
+        allocations stay small; training (autograd), tracing, compiling and GPUs use whole maps.
         """
         map_bytes = x.shape[-2] * x.shape[-1] * self.head.out_channels * x.element_size()
-        if (x.device.type != 'cpu' or not self.band_bytes or map_bytes <= WHOLE_MAP_BYTES
+        if (x.device.type != 'cpu' or not self.band_bytes or map_bytes <= self.whole_map_bytes
                 or torch.jit.is_tracing() or torch.compiler.is_compiling()
                 or (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())))):
             return None

@@ -43,6 +43,24 @@ def test_inference_row_in_process():
     assert matmul_rate(256, repeats=1) > 0
 
 
+@pytest.mark.parametrize('maps', ['whole', 'bands'])
+def test_inference_row_with_whole_maps_or_row_bands(monkeypatch, maps):
+    import ssiu_arch.benchmark as bench
+
+    built = []
+    monkeypatch.setattr(bench, 'build_net', lambda *a, **k: built.append(build_net(*a, **k)) or built[-1])
+    threads = torch.get_num_threads()
+    try:
+        row = measure_inference('SSIU', 2, (20, 24), threads=1, runs=1, net_opt=TINY, retain_memory=False, maps=maps)
+    finally:
+        torch.set_num_threads(threads)
+    assert row['maps'] == maps and row['latency_ms'] > 0
+    with torch.inference_mode():
+        assert (built[0].band_rows(torch.rand(1, 3, 32, 32)) is None) == (maps == 'whole')
+    with pytest.raises(BenchError, match='IDSANet has no row bands'):
+        measure_inference('IDSANet', 2, (8, 8), threads=1, runs=1, retain_memory=False, maps='bands')
+
+
 def test_cases_run_in_fresh_processes():
     row = run_case('inference', arch='SSIU', scale=4, input_hw=(16, 24), threads=1, runs=1, net_opt=TINY)
     assert row['malloc'] == 'retain' and row['input'] == '24x16' and row['peak_mem_mb'] >= 0

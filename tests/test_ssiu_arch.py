@@ -240,16 +240,14 @@ def test_convert_rejects_a_state_dict_that_does_not_fit(tmp_path):
 
 @pytest.mark.parametrize('scale, band_rows, batch, size',
                          [(2, 1, 2, (17, 23)), (3, 3, 1, (40, 21)), (4, 5, 2, (33, 34))])
-def test_row_bands_give_the_whole_map_result(monkeypatch, scale, band_rows, batch, size):
-    import ssiu_arch.ssiu_arch as arch
-
+def test_row_bands_give_the_whole_map_result(scale, band_rows, batch, size):
     net = tiny(upscale=scale, num_block=4)
     for p in net.parameters():
         p.data.normal_(0, 0.2)
     x = torch.rand(batch, 3, *size)
     with torch.no_grad():
         whole, whole_aux = net(x, return_aux=True)
-        monkeypatch.setattr(arch, 'WHOLE_MAP_BYTES', 0)
+        net.whole_map_bytes = 0
         padded_width = -(-size[1] // 16) * 16
         net.band_bytes = band_rows * padded_width * 16 * 4
         assert net.band_rows(pad_to_multiple(x, 16)) == band_rows
@@ -260,15 +258,13 @@ def test_row_bands_give_the_whole_map_result(monkeypatch, scale, band_rows, batc
         assert (a - b).abs().max() <= 1e-5
 
 
-def test_row_bands_reproduce_the_published_reference(monkeypatch, tmp_path):
-    import ssiu_arch.ssiu_arch as arch
+def test_row_bands_reproduce_the_published_reference(tmp_path):
     from ssiu_arch.convert import load_ssiu
 
     ref = load_reference(REFERENCES[-1])
     convert_and_check(REFERENCES[-1], tmp_path)
     net = load_ssiu(tmp_path / 'net.pth').eval()
-    monkeypatch.setattr(arch, 'WHOLE_MAP_BYTES', 0)
-    net.band_bytes = 1  # one row per band
+    net.whole_map_bytes, net.band_bytes = 0, 1  # one row per band
     with torch.no_grad():
         assert net.band_rows(ref['input']) == 1
         out = net(ref['input'])
