@@ -8,15 +8,13 @@ divides the network's multiply-adds per second by those of a dense float32 2048x
 same process just before each pass, so that it compares the network with what the machine reaches at
 the moment of the measurement (on a shared machine both slow down together).
 
-By default each case first calls :func:`retain_freed_memory`: eager PyTorch allocates every intermediate
-map afresh, and with glibc's default settings a forward pass page-faults most of its working set again on
-every pass (SSIU x2 on 640x360: about 3 million faults, half of its CPU time). ``--default-malloc``
-measures without it.
+By default each case first calls :func:`ssiu_arch.memory.retain_freed_memory`: eager PyTorch allocates
+every intermediate map afresh, and with glibc's default settings a forward pass page-faults most of its
+working set again on every pass. ``--default-malloc`` measures without it.
 """
 from __future__ import annotations
 
 import argparse
-import ctypes
 import inspect
 import json
 import os
@@ -35,6 +33,7 @@ from basicsr.utils.registry import ARCH_REGISTRY
 from torch import nn
 
 from ssiu_arch.fileio import write_text_atomic
+from ssiu_arch.memory import retain_freed_memory
 from ssiu_arch.profiling import count_macs, count_params, lr_size_for
 
 # LR input (height, width) per scale: ~1280x720 outputs, the sizes lightweight-SR papers time.
@@ -61,23 +60,6 @@ def build_net(arch: str, scale: int, **net_opt) -> nn.Module:
         return cls(**{**kwargs, **net_opt}).eval()
     except (TypeError, ValueError) as err:
         raise BenchError(f'--arch {arch} x{scale}: cannot build it with {net_opt}: {err}') from None
-
-
-def retain_freed_memory() -> bool:
-    """Make glibc malloc keep freed memory for reuse instead of unmapping or trimming it; False if not glibc.
-
-    Blocks above the mmap threshold (at most 32 MiB by default) get a fresh mapping, and free space at the
-    top of the heap goes back to the OS, so each new feature map is zero-filled page by page. This raises
-    both thresholds to 1 GiB, the in-process equivalent of ``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_``
-    (or of jemalloc/tcmalloc, as PyTorch's CPU tuning guide suggests): process-wide, and memory freed after a
-    pass stays with the process.
-    """
-    try:
-        mallopt = ctypes.CDLL('libc.so.6').mallopt
-    except (OSError, AttributeError):
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    return bool(mallopt(m_mmap_threshold, 1 << 30)) and bool(mallopt(m_trim_threshold, 1 << 30))
 
 
 def matmul_rate(size: int = MATMUL_SIZE, repeats: int = 3) -> float:

@@ -240,8 +240,8 @@ def infer_paths(
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ssiu_arch.benchmark import retain_freed_memory
     from ssiu_arch.convert import CheckpointError, infer_config, load_ssiu
+    from ssiu_arch.memory import retain_freed_memory
 
     device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
     if device == 'cuda' and not torch.cuda.is_available():

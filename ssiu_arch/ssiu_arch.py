@@ -31,6 +31,8 @@ import torch.nn.functional as F
 from basicsr.utils.registry import ARCH_REGISTRY
 from torch import nn
 
+from ssiu_arch.memory import freed_memory_retained
+
 __all__ = ['SSIU', 'conv2d_reflect', 'expert_steps_for', 'pad_to_multiple']
 
 try:  # oneDNN convolutions with fused epilogues (the CPU kernels torch.compile emits)
@@ -40,8 +42,10 @@ except (AttributeError, RuntimeError):
     _ONEDNN_CONV = _ONEDNN_CONV_ADD_ = None
 _POINTWISE = ([0, 0], [1, 1], [1, 1], 1)  # padding, stride, dilation, groups of a 1x1 convolution
 # Feature maps above glibc malloc's largest mmap threshold (32 MiB) get fresh, zero-filled pages on every
-# allocation. CPU inference on larger maps therefore runs the unfolding steps in bands of rows whose maps
-# stay below it (``SSIU.band_bytes``; 0 processes whole maps).
+# allocation, and with default settings smaller ones too once freed memory is trimmed. CPU inference therefore
+# runs the unfolding steps in 8 MiB row bands on maps above 32 MiB, or above 8 MiB unless freed memory stays
+# with the process (``ssiu_arch.memory``), where whole maps measured faster (``SSIU.whole_map_bytes``,
+# ``SSIU.band_bytes``; a band size of 0 processes whole maps).
 WHOLE_MAP_BYTES = 32 << 20
 BAND_BYTES = 8 << 20
 # HR pixels per band of the tail (its 64-channel features are 8 MiB, its 27 tap maps 3.4 MiB): small enough to
@@ -639,12 +643,14 @@ class SSIU(nn.Module):
     def band_rows(self, x: torch.Tensor) -> int | None:
         """Rows per band of the unfolding steps for the padded LR input ``x``, or None to process whole maps.
 
-        Bands of ``band_bytes`` apply to CPU inference on feature maps larger than ``whole_map_bytes`` (module
-        attributes, default ``BAND_BYTES`` and ``WHOLE_MAP_BYTES``), where the result is the same and the
-        allocations stay small; training (autograd), tracing, compiling and GPUs use whole maps.
+        Bands of ``band_bytes`` apply to CPU inference on feature maps larger than ``whole_map_bytes``, or
+        larger than a band where freed memory goes back to the OS (module attributes, default ``BAND_BYTES``
+        and ``WHOLE_MAP_BYTES``). The result is the same and the allocations stay small; training (autograd),
+        tracing, compiling and GPUs use whole maps.
         """
         map_bytes = x.shape[-2] * x.shape[-1] * self.head.out_channels * x.element_size()
-        if (x.device.type != 'cpu' or not self.band_bytes or map_bytes <= self.whole_map_bytes
+        limit = self.whole_map_bytes if freed_memory_retained() else min(self.whole_map_bytes, self.band_bytes)
+        if (x.device.type != 'cpu' or not self.band_bytes or map_bytes <= limit
                 or torch.jit.is_tracing() or torch.compiler.is_compiling()
                 or (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())))):
             return None

@@ -258,6 +258,38 @@ def test_row_bands_give_the_whole_map_result(scale, band_rows, batch, size):
         assert (a - b).abs().max() <= 1e-5
 
 
+@pytest.mark.parametrize('retained', [True, False])
+def test_row_bands_where_allocations_would_fault(monkeypatch, retained):
+    import ssiu_arch.ssiu_arch as arch
+
+    monkeypatch.setattr(arch, 'freed_memory_retained', lambda: retained)
+    net = SSIU(upscale=2).eval()
+    with torch.no_grad():
+        assert net.band_rows(torch.empty(1, 3, 64, 64)) is None  # 1 MiB maps
+        # 16 MiB maps: whole where freed memory stays with the process, else 8 MiB bands
+        assert net.band_rows(torch.empty(1, 3, 256, 256)) == (None if retained else 128)
+        assert net.band_rows(torch.empty(1, 3, 512, 512)) == 64  # 64 MiB maps: above every mmap threshold
+        assert net.band_rows(torch.empty(1, 3, 512, 512, device='meta')) is None  # not a CPU tensor
+    assert net.band_rows(torch.empty(1, 3, 512, 512)) is None  # autograd
+    net.band_bytes = 0
+    with torch.no_grad():
+        assert net.band_rows(torch.empty(1, 3, 512, 512)) is None
+
+
+def test_freed_memory_retained_reads_the_malloc_environment(monkeypatch):
+    from ssiu_arch import memory
+
+    monkeypatch.setattr(memory, '_RETAINED', False)
+    for key in ('MALLOC_MMAP_THRESHOLD_', 'MALLOC_TRIM_THRESHOLD_', 'LD_PRELOAD'):
+        monkeypatch.delenv(key, raising=False)
+    assert not memory.freed_memory_retained()
+    monkeypatch.setenv('LD_PRELOAD', '/usr/lib/libjemalloc.so.2')
+    assert memory.freed_memory_retained()
+    monkeypatch.delenv('LD_PRELOAD')
+    monkeypatch.setenv('MALLOC_TRIM_THRESHOLD_', '1000000000')
+    assert memory.freed_memory_retained()
+
+
 def test_row_bands_reproduce_the_published_reference(tmp_path):
     from ssiu_arch.convert import load_ssiu
 
