@@ -305,6 +305,7 @@ class MSGM(nn.Module):
         return linear_nhwc(value.permute(0, 2, 3, 1), _matrix(expand), expand.bias, mul=gate)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The module on a whole map (B, H, W, C), reflect padded at every border."""
         p = self.halo
         return linear_nhwc(self.gated(x, p, p), _matrix(self.project_out), self.project_out.bias)
 
