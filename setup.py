@@ -4,11 +4,37 @@ The user-facing top level keeps `ssiu_arch/`, `losses/` and `datasets_lmdb/` sid
 installed under the single import package `ssiu_arch` so that no generic name such as `losses`
 lands in site-packages.
 """
+import os
 from pathlib import Path
 
 from setuptools import setup
 
 HERE = Path(__file__).parent
+
+
+def kernel_build() -> dict:
+    """The optional CPU inference kernels (ssiu_arch/csrc): built when torch and a C++ compiler are present.
+
+    Without them the network computes the same results with standard PyTorch operators, so a failed build
+    only warns. SSIU_NO_KERNELS=1 skips it.
+    """
+    if os.environ.get('SSIU_NO_KERNELS', '') not in ('', '0'):
+        return {}
+    try:
+        from torch.utils.cpp_extension import BuildExtension, CppExtension
+    except ImportError:
+        return {}
+
+    class OptionalBuildExtension(BuildExtension):
+        def build_extension(self, ext) -> None:
+            try:
+                super().build_extension(ext)
+            except Exception as err:  # any compiler failure leaves the standard-operator path
+                print(f'warning: SSIU CPU kernels not built ({err}); standard PyTorch operators will be used')
+
+    kernels = CppExtension('ssiu_arch._kernels', ['ssiu_arch/csrc/kernels.cpp'],
+                           extra_compile_args=['-O3', '-fopenmp'], extra_link_args=['-fopenmp'])
+    return {'ext_modules': [kernels], 'cmdclass': {'build_ext': OptionalBuildExtension}}
 
 setup(
     name='ssiu',
@@ -53,4 +79,5 @@ setup(
         'Programming Language :: Python :: 3',
         'Topic :: Scientific/Engineering :: Image Processing',
     ],
+    **kernel_build(),
 )

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from basicsr.utils.registry import ARCH_REGISTRY
 from torch import nn
 
+from ssiu_arch import kernels
 from ssiu_arch.memory import freed_memory_retained
 
 __all__ = ['SSIU', 'conv2d_reflect', 'expert_steps_for', 'pad_to_multiple']
@@ -130,6 +131,20 @@ def conv2d_reflect(
     out[..., :p] = F.conv2d(F.pad(x[..., :2 * p], (p, 0, p, p), mode='reflect'), weight, bias, groups=groups)
     out[..., -p:] = F.conv2d(F.pad(x[..., -2 * p:], (0, p, p, p), mode='reflect'), weight, bias, groups=groups)
     return out.permute(0, 2, 3, 1)
+
+
+def depthwise_reflect(x: torch.Tensor, conv: nn.Conv2d, top: int, bottom: int) -> torch.Tensor:
+    """Reflect-padded depthwise ``conv`` of the rows of a channels-last (B, N, W, C) map that have their halo.
+
+    ``x`` holds the output rows plus ``k // 2`` halo rows above and below them, except ``top``/``bottom`` rows
+    beyond the map's border, which are reflected here. At CPU inference the compiled kernel reads the halo in
+    place; otherwise the band is reflect padded and convolved.
+    """
+    p = conv.kernel_size[0] // 2
+    if kernels.applies(x):
+        return kernels.depthwise_reflect(x, conv.weight, conv.bias, p - top, x.shape[1] - 2 * p + top + bottom)
+    x = _reflect_pad(x, top, bottom, p)
+    return F.conv2d(x.permute(0, 3, 1, 2), conv.weight, conv.bias, groups=conv.groups).permute(0, 2, 3, 1)
 
 
 def _halo_windows(x: torch.Tensor, block: int, halo: int) -> torch.Tensor:
@@ -300,9 +315,8 @@ class MSGM(nn.Module):
             gate_bias, value_bias = gate_bias + gate_weight @ shift, value_bias + value_weight @ shift
         p = self.halo
         gate = linear_nhwc(_rows(x, p - top, x.shape[1] - p + bottom), gate_weight, gate_bias, gelu=True)
-        value = _reflect_pad(linear_nhwc(x, value_weight, value_bias), top, bottom, p)
-        value = F.conv2d(value.permute(0, 3, 1, 2), depthwise.weight, depthwise.bias, groups=depthwise.groups)
-        return linear_nhwc(value.permute(0, 2, 3, 1), _matrix(expand), expand.bias, mul=gate)
+        value = depthwise_reflect(linear_nhwc(x, value_weight, value_bias), depthwise, top, bottom)
+        return linear_nhwc(value, _matrix(expand), expand.bias, mul=gate)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The module on a whole map (B, H, W, C), reflect padded at every border."""
@@ -390,8 +404,15 @@ class ESAM(nn.Module):
         out = out.clone(memory_format=torch.contiguous_format).view(b, h, w, c)  # a new tensor in every case
         if self.downsample > 1:
             depthwise = self.LocalProp[0]
-            out = conv2d_reflect(out, depthwise.weight, depthwise.bias, groups=depthwise.groups)
+            out = depthwise_reflect(out, depthwise, depthwise.padding[0], depthwise.padding[0])
         return out
+
+    def combine(self, low: torch.Tensor, v: torch.Tensor, b: torch.Tensor, r0: int, height: int) -> torch.Tensor:
+        """Rows ``r0:r0 + N`` of ``ESAM + v - b``, ``low`` the output of :meth:`attend` and ``v``, ``b`` (B, N, W, C)
+        those rows of full-size maps: the SSRM update that consumes ESAM, in one pass at CPU inference."""
+        if self.downsample > 1 and kernels.applies(low, v, b):
+            return kernels.upsample_combine(low, v, b, r0, height)
+        return torch.add(self.upsample_rows(low, r0, r0 + v.shape[1], height), v).sub_(b)
 
     def upsample_rows(self, low: torch.Tensor, r0: int, r1: int, height: int) -> torch.Tensor:
         """Rows ``[r0, r1)`` of the ESAM output (``height`` rows) from ``low``, the output of :meth:`attend`.
@@ -479,8 +500,8 @@ class SSRMStep(nn.Module):
         for r0, r1 in bands:
             lo, hi, top, bottom = _window(r0, r1, p, height)  # rows of MSGM_4(v - b) + b for MSGM_ffn
             u_lo, u_hi, u_top, u_bottom = _window(lo, hi, p, height)
-            u = torch.add(self.s3.upsample_rows(low, u_lo, u_hi, height), _rows(v, u_lo, u_hi))
-            u = u.sub_(_rows(b, u_lo, u_hi))  # v - b - out1.bias + out2.bias
+            # ESAM + v - b - out1.bias + out2.bias
+            u = self.s3.combine(low, _rows(v, u_lo, u_hi), _rows(b, u_lo, u_hi), u_lo, height)
             refined = linear_nhwc(self.s4.gated(u, u_top, u_bottom, shift=shift4), _matrix(out4), bias4,
                                   add=_rows(b, lo, hi), accumulate=len(bands) == 1)
             inner = _rows(refined, r0 - lo, r1 - lo)

@@ -1,0 +1,56 @@
+"""Compiled CPU inference kernels (``ssiu_arch/csrc/kernels.cpp``), registered as ``torch.ops.ssiu.*``.
+
+``pip install`` builds them into ``ssiu_arch/_kernels*.so`` when a C++ compiler is available (see ``setup.py``;
+``SSIU_NO_KERNELS=1`` skips the build and their use). Without them the network runs the same computation with
+standard PyTorch operators, and so do training, tracing and ONNX export, since the kernels have no autograd
+formula and no ONNX mapping.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+_LOADED: bool | None = None
+
+
+def available() -> bool:
+    """Whether the compiled kernels are loaded (loading them on the first call)."""
+    global _LOADED
+    if _LOADED is None:
+        _LOADED = False
+        if os.environ.get('SSIU_NO_KERNELS', '') not in ('', '0'):
+            return False
+        for library in sorted(Path(__file__).parent.glob('_kernels*.so')):
+            try:
+                torch.ops.load_library(str(library))
+            except (OSError, RuntimeError):
+                continue
+            _LOADED = True
+            break
+    return _LOADED
+
+
+def applies(*tensors: torch.Tensor | None) -> bool:
+    """Whether a kernel may compute on these tensors: loaded, float32 CPU inference outside tracing/compiling."""
+    x = tensors[0]
+    return (x.device.type == 'cpu' and x.dtype == torch.float32
+            and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
+            and not torch.jit.is_tracing() and not torch.compiler.is_compiling() and available())
+
+
+def depthwise_reflect(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, offset: int,
+                      rows: int) -> torch.Tensor:
+    """Reflect-padded depthwise convolution of a channels-last (B, N, W, C) map, rows ``offset:offset + rows``.
+
+    ``weight`` is (C, 1, k, k). Output row ``i`` is centred on input row ``offset + i``; rows beyond the input's
+    first or last row are reflected. Returns (B, rows, W, C).
+    """
+    return torch.ops.ssiu.depthwise_reflect(x, weight, bias, offset, rows)
+
+
+def upsample_combine(low: torch.Tensor, v: torch.Tensor, b: torch.Tensor, r0: int, height: int) -> torch.Tensor:
+    """Rows ``r0:r0 + N`` of ``bilinear(low) + v - b``: ``low`` (B, h, w, C) resized to ``height`` x W with aligned
+    corners, ``v`` and ``b`` those (B, N, W, C) rows of full-size maps."""
+    return torch.ops.ssiu.upsample_combine(low, v, b, r0, height)
