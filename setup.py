@@ -26,11 +26,12 @@ def kernel_build() -> dict:
         return {}
 
     class OptionalBuildExtension(BuildExtension):
-        def build_extension(self, ext) -> None:
+        def run(self) -> None:
             try:
-                super().build_extension(ext)
+                super().run()
             except Exception as err:  # any compiler failure leaves the standard-operator path
                 print(f'warning: SSIU CPU kernels not built ({err}); standard PyTorch operators will be used')
+                self.extensions = []
 
     kernels = CppExtension('ssiu_arch._kernels', ['ssiu_arch/csrc/kernels.cpp'],
                            extra_compile_args=['-O3', '-fopenmp'], extra_link_args=['-fopenmp'])

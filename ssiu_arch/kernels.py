@@ -54,3 +54,10 @@ def upsample_combine(low: torch.Tensor, v: torch.Tensor, b: torch.Tensor, r0: in
     """Rows ``r0:r0 + N`` of ``bilinear(low) + v - b``: ``low`` (B, h, w, C) resized to ``height`` x W with aligned
     corners, ``v`` and ``b`` those (B, N, W, C) rows of full-size maps."""
     return torch.ops.ssiu.upsample_combine(low, v, b, r0, height)
+
+
+def halo_attention(qkv: torch.Tensor, embedding: torch.Tensor, heads: int, block: int, halo: int) -> torch.Tensor:
+    """ESAM's attention on its channels-last qkv map (B, h, w, 3 C): each ``block``² block of queries attends to
+    the keys (plus ``embedding``, (window, window, C / heads)) and values of the block grown by ``halo`` pixels,
+    zero outside the map. Returns (B, h, w, C)."""
+    return torch.ops.ssiu.halo_attention(qkv, embedding, heads, block, halo)

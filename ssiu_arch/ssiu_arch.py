@@ -381,9 +381,22 @@ class ESAM(nn.Module):
         bs, halo, heads = self.block_size, self.halo, self.num_heads
         if not torch.jit.is_tracing() and (h % bs or w % bs):
             raise ValueError(f'ESAM input {h}x{w} (after pooling) is not a multiple of block_size {bs}')
-        nh, nw, head_dim, window = h // bs, w // bs, c // heads, bs + 2 * halo
         qkv_weight = _matrix(self.qkv_conv)
         qkv = linear_nhwc(x, qkv_weight, None if shift is None else qkv_weight @ shift)
+        if kernels.applies(qkv):
+            out = kernels.halo_attention(qkv, self.key_embedding(), heads, bs, halo)
+        else:
+            out = self._attention(qkv)
+        if self.downsample > 1:
+            depthwise = self.LocalProp[0]
+            out = depthwise_reflect(out, depthwise, depthwise.padding[0], depthwise.padding[0])
+        return out
+
+    def _attention(self, qkv: torch.Tensor) -> torch.Tensor:
+        """Halo block attention on the qkv map (B, h, w, 3 C) with standard operators: (B, h, w, C)."""
+        b, h, w, c3 = qkv.shape
+        c, bs, halo, heads = c3 // 3, self.block_size, self.halo, self.num_heads
+        nh, nw, head_dim, window = h // bs, w // bs, c // heads, bs + 2 * halo
         # Queries: (B * blocks, heads, bs², head_dim).
         q = qkv[..., :c].reshape(b, nh, bs, nw, bs, heads, head_dim).permute(0, 1, 3, 5, 2, 4, 6)
         q = q.reshape(b * nh * nw, heads, bs * bs, head_dim)
@@ -401,11 +414,7 @@ class ESAM(nn.Module):
         v = kv[1].reshape(b * nh * nw, heads, window * window, head_dim)
         out = F.scaled_dot_product_attention(q, k, v)
         out = out.view(b, nh, nw, heads, bs, bs, head_dim).permute(0, 1, 4, 2, 5, 3, 6)
-        out = out.clone(memory_format=torch.contiguous_format).view(b, h, w, c)  # a new tensor in every case
-        if self.downsample > 1:
-            depthwise = self.LocalProp[0]
-            out = depthwise_reflect(out, depthwise, depthwise.padding[0], depthwise.padding[0])
-        return out
+        return out.clone(memory_format=torch.contiguous_format).view(b, h, w, c)  # a new tensor in every case
 
     def combine(self, low: torch.Tensor, v: torch.Tensor, b: torch.Tensor, r0: int, height: int) -> torch.Tensor:
         """Rows ``r0:r0 + N`` of ``ESAM + v - b``, ``low`` the output of :meth:`attend` and ``v``, ``b`` (B, N, W, C)

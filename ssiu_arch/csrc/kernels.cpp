@@ -8,6 +8,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
+#include <cstdint>
 #include <array>
 #include <cstring>
 #include <optional>
@@ -26,13 +28,13 @@ constexpr int64_t kMaxKernel = 7;
 // 16 float lanes; GCC and Clang lower it to one AVX-512 register, two AVX2 registers, or four SSE ones.
 typedef float Vec16 __attribute__((vector_size(64)));
 
-inline Vec16 load16(const float* p) {
+inline __attribute__((always_inline)) Vec16 load16(const float* p) {
   Vec16 v;
   std::memcpy(&v, p, sizeof v);
   return v;
 }
 
-inline void store16(float* p, Vec16 v) { std::memcpy(p, &v, sizeof v); }
+inline __attribute__((always_inline)) void store16(float* p, Vec16 v) { std::memcpy(p, &v, sizeof v); }
 
 // Row or column j of a side of n after reflection at both ends (|overshoot| < n).
 inline int64_t reflect(int64_t j, int64_t n) { return j < 0 ? -j : (j >= n ? 2 * (n - 1) - j : j); }
@@ -200,14 +202,235 @@ at::Tensor upsample_combine(const at::Tensor& low, const at::Tensor& v, const at
   return out;
 }
 
+// exp of 16 lanes: 2^n * e^r with n = round(x / ln 2) and a degree-6 polynomial on |r| <= ln(2) / 2
+// (Cephes' coefficients, within 2 ulp of expf); lanes below -87.3 give 0, as expf does to float precision.
+inline __attribute__((always_inline)) Vec16 exp16(Vec16 x) {
+  typedef int32_t Int16 __attribute__((vector_size(64)));
+  const Vec16 lo = x < -87.3f ? Vec16{} + 1.f : Vec16{};
+  x = x < -87.3f ? Vec16{} - 87.3f : x;
+  x = x > 88.3f ? Vec16{} + 88.3f : x;
+  const Vec16 n = (x * 1.44269504088896341f + 12582912.f) - 12582912.f;  // round to nearest
+  Vec16 r = x - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  Vec16 poly = Vec16{} + 1.9875691500e-4f;
+  poly = poly * r + 1.3981999507e-3f;
+  poly = poly * r + 8.3334519073e-3f;
+  poly = poly * r + 4.1665795894e-2f;
+  poly = poly * r + 1.6666665459e-1f;
+  poly = poly * r + 5.0000001201e-1f;
+  poly = poly * r * r + r + 1.f;
+  const Int16 bits = (__builtin_convertvector(n, Int16) + 127) << 23;
+  Vec16 scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  const Vec16 result = poly * scale;
+  return lo > 0.f ? Vec16{} : result;
+}
+
+constexpr int64_t kGroup = 4;  // queries computed together, sharing every key and value they load
+
+// Scaled scores of a group of queries against NV vectors of 16 keys: scores[g * padded + j] = scale q_g . k_j.
+// keys_t is (dim, padded); the group's accumulators stay in registers.
+template <int64_t NV>
+SSIU_TARGETS void group_scores(const float* const* q, const float* keys_t, int64_t padded, int64_t dim, float scale,
+                               float* scores) {
+  Vec16 acc[kGroup][NV];
+  for (int64_t g = 0; g < kGroup; ++g) {
+    for (int64_t jv = 0; jv < NV; ++jv) acc[g][jv] = Vec16{};
+  }
+  for (int64_t d = 0; d < dim; ++d) {
+    Vec16 keys[NV];
+    for (int64_t jv = 0; jv < NV; ++jv) keys[jv] = load16(keys_t + d * padded + jv * 16);
+    for (int64_t g = 0; g < kGroup; ++g) {
+      const float qd = q[g][d];
+      for (int64_t jv = 0; jv < NV; ++jv) acc[g][jv] += qd * keys[jv];
+    }
+  }
+  for (int64_t g = 0; g < kGroup; ++g) {
+    for (int64_t jv = 0; jv < NV; ++jv) store16(scores + g * padded + jv * 16, acc[g][jv] * scale);
+  }
+}
+
+// The same for any number of key vectors, eight at a time.
+SSIU_TARGETS void group_scores_any(const float* const* q, const float* keys_t, int64_t padded, int64_t dim,
+                                   float scale, float* scores) {
+  for (int64_t j0 = 0; j0 < padded; j0 += 8 * 16) {
+    const int64_t nv = std::min<int64_t>(8, (padded - j0) / 16);
+    Vec16 acc[kGroup][8] = {};
+    for (int64_t d = 0; d < dim; ++d) {
+      for (int64_t g = 0; g < kGroup; ++g) {
+        const float qd = q[g][d];
+        for (int64_t jv = 0; jv < nv; ++jv) acc[g][jv] += qd * load16(keys_t + d * padded + j0 + jv * 16);
+      }
+    }
+    for (int64_t g = 0; g < kGroup; ++g) {
+      for (int64_t jv = 0; jv < nv; ++jv) store16(scores + g * padded + j0 + jv * 16, acc[g][jv] * scale);
+    }
+  }
+}
+
+using ScoreKernel = void (*)(const float* const*, const float*, int64_t, int64_t, float, float*);
+
+ScoreKernel score_kernel(int64_t vectors) {
+  switch (vectors) {
+    case 1: return group_scores<1>;
+    case 2: return group_scores<2>;
+    case 3: return group_scores<3>;
+    case 4: return group_scores<4>;
+    case 5: return group_scores<5>;
+    case 6: return group_scores<6>;
+    case 7: return group_scores<7>;
+    default: return group_scores_any;
+  }
+}
+
+inline __attribute__((always_inline)) Vec16 max16(Vec16 a, Vec16 b) { return a > b ? a : b; }
+
+// Largest lane and sum of lanes, by halving.
+inline __attribute__((always_inline)) float lanes_max(Vec16 v) {
+  typedef float Vec8 __attribute__((vector_size(32)));
+  typedef float Vec4 __attribute__((vector_size(16)));
+  const Vec8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7);
+  const Vec8 b = __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  const Vec8 m8 = a > b ? a : b;
+  const Vec4 c = __builtin_shufflevector(m8, m8, 0, 1, 2, 3), d = __builtin_shufflevector(m8, m8, 4, 5, 6, 7);
+  const Vec4 m4 = c > d ? c : d;
+  return std::max(std::max(m4[0], m4[1]), std::max(m4[2], m4[3]));
+}
+
+inline __attribute__((always_inline)) float lanes_sum(Vec16 v) {
+  typedef float Vec8 __attribute__((vector_size(32)));
+  typedef float Vec4 __attribute__((vector_size(16)));
+  const Vec8 s8 = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+                  __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  const Vec4 s4 = __builtin_shufflevector(s8, s8, 0, 1, 2, 3) + __builtin_shufflevector(s8, s8, 4, 5, 6, 7);
+  return (s4[0] + s4[1]) + (s4[2] + s4[3]);
+}
+
+// Softmax of a row of `padded` scores in place, its last vector first offset by `tail` (0 on keys, -3e38 on the
+// padding past the last key); returns 1 / sum of exps.
+SSIU_TARGETS float softmax_row(float* scores, int64_t padded, const float* tail) {
+  float* last = scores + padded - 16;
+  store16(last, load16(last) + load16(tail));
+  Vec16 best = load16(scores);
+  for (int64_t j = 16; j < padded; j += 16) best = max16(best, load16(scores + j));
+  const float top = lanes_max(best);
+  Vec16 total{};
+  for (int64_t j = 0; j < padded; j += 16) {
+    const Vec16 e = exp16(load16(scores + j) - top);
+    store16(scores + j, e);
+    total += e;
+  }
+  return 1.f / lanes_sum(total);
+}
+
+// out_g = inv_g * sum_j p_g[j] v_j for a group of queries; values is (n_keys, dim), p rows of `padded`.
+SSIU_TARGETS void group_weighted_sum(const float* p, const float* inv, const float* values, int64_t n_keys,
+                                     int64_t padded, int64_t dim, float* const* out) {
+  int64_t d0 = 0;
+  for (; d0 + 16 <= dim; d0 += 16) {
+    Vec16 acc[kGroup] = {};
+    for (int64_t j = 0; j < n_keys; ++j) {
+      const Vec16 v = load16(values + j * dim + d0);
+      for (int64_t g = 0; g < kGroup; ++g) acc[g] += p[g * padded + j] * v;
+    }
+    for (int64_t g = 0; g < kGroup; ++g) store16(out[g] + d0, acc[g] * inv[g]);
+  }
+  for (; d0 < dim; ++d0) {
+    for (int64_t g = 0; g < kGroup; ++g) {
+      float weighted = 0.f;
+      for (int64_t j = 0; j < n_keys; ++j) weighted += p[g * padded + j] * values[j * dim + d0];
+      out[g][d0] = weighted * inv[g];
+    }
+  }
+}
+
+// Halo block attention of ESAM on its qkv map, for one (image, block row, block column).
+//   qkv: (h, w, 3 C) with queries, keys, values in channel thirds, each split into `heads` heads of `dim`;
+//   embedding: (window, window, dim) added to every key window; keys and values outside the map are zero.
+//   The block x block tile of queries attends to the (block + 2 halo)^2 window around it (softmax of scores
+//   scaled by 1 / sqrt(dim), SDPA's default); out: (h, w, C). Scratch: keys_t (dim, padded), values
+//   (window^2, dim), scores (kGroup, padded), with padded = window^2 rounded up to 16.
+void attend_block(const float* qkv, const float* embedding, int64_t h, int64_t w, int64_t c, int64_t heads,
+                  int64_t block, int64_t halo, int64_t by, int64_t bx, float* keys_t, float* values, float* scores,
+                  float* out) {
+  const int64_t dim = c / heads, window = block + 2 * halo, n_keys = window * window;
+  const int64_t padded = (n_keys + 15) / 16 * 16, queries = block * block;
+  const float scale = 1.f / std::sqrt(static_cast<float>(dim));
+  const ScoreKernel score = score_kernel(padded / 16);
+  float tail[16] = {};  // passed by address: a vector argument's ABI differs between the target clones
+  for (int64_t lane = n_keys - (padded - 16); lane < 16; ++lane) tail[lane] = -3.0e38f;
+  for (int64_t head = 0; head < heads; ++head) {
+    for (int64_t u = 0; u < window; ++u) {
+      const int64_t y = by * block - halo + u;
+      for (int64_t t = 0; t < window; ++t) {
+        const int64_t x = bx * block - halo + t, j = u * window + t;
+        const bool inside = y >= 0 && y < h && x >= 0 && x < w;
+        const float* key = qkv + (y * w + x) * 3 * c + c + head * dim;
+        const float* emb = embedding + j * dim;
+        for (int64_t d = 0; d < dim; ++d) {
+          keys_t[d * padded + j] = (inside ? key[d] : 0.f) + emb[d];
+          values[j * dim + d] = inside ? key[c + d] : 0.f;
+        }
+      }
+    }
+    for (int64_t d = 0; d < dim; ++d) std::fill(keys_t + d * padded + n_keys, keys_t + (d + 1) * padded, 0.f);
+    for (int64_t i0 = 0; i0 < queries; i0 += kGroup) {
+      const float* q[kGroup];
+      float* o[kGroup];
+      float inv[kGroup];
+      for (int64_t g = 0; g < kGroup; ++g) {
+        const int64_t i = std::min(i0 + g, queries - 1);  // a short last group repeats its last query
+        const int64_t pixel = (by * block + i / block) * w + bx * block + i % block;
+        q[g] = qkv + pixel * 3 * c + head * dim;
+        o[g] = out + pixel * c + head * dim;
+      }
+      score(q, keys_t, padded, dim, scale, scores);
+      for (int64_t g = 0; g < kGroup; ++g) inv[g] = softmax_row(scores + g * padded, padded, tail);
+      group_weighted_sum(scores, inv, values, n_keys, padded, dim, o);
+    }
+  }
+}
+
+// ESAM's halo block attention (see attend_block) over a (B, h, w, 3 C) qkv map; h and w multiples of block.
+at::Tensor halo_attention(const at::Tensor& qkv, const at::Tensor& embedding, int64_t heads, int64_t block,
+                          int64_t halo) {
+  TORCH_CHECK(qkv.dim() == 4 && qkv.scalar_type() == at::kFloat && qkv.device().is_cpu() && qkv.size(3) % 3 == 0,
+              "halo_attention: qkv must be a float32 (B, h, w, 3 C) CPU map, got ", qkv.sizes());
+  const at::Tensor input = qkv.contiguous();
+  const int64_t batch = input.size(0), h = input.size(1), w = input.size(2), c = input.size(3) / 3;
+  TORCH_CHECK(heads > 0 && c % heads == 0, "halo_attention: ", c, " channels do not split into ", heads, " heads");
+  TORCH_CHECK(block > 0 && halo >= 0 && h % block == 0 && w % block == 0, "halo_attention: a ", h, "x", w,
+              " map is not made of ", block, "x", block, " blocks");
+  const int64_t dim = c / heads, window = block + 2 * halo;
+  TORCH_CHECK(embedding.sizes() == at::IntArrayRef({window, window, dim}), "halo_attention: embedding must be (",
+              window, ", ", window, ", ", dim, "), got ", embedding.sizes());
+  const at::Tensor emb = embedding.contiguous().to(at::kFloat);
+  at::Tensor out = at::empty({batch, h, w, c}, input.options());
+  const int64_t nh = h / block, nw = w / block, padded = (window * window + 15) / 16 * 16;
+  const float* in_data = input.data_ptr<float>();
+  const float* emb_data = emb.data_ptr<float>();
+  float* out_data = out.data_ptr<float>();
+  at::parallel_for(0, batch * nh * nw, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> keys_t(dim * padded), values(window * window * dim), scores(kGroup * padded);
+    for (int64_t index = begin; index < end; ++index) {
+      const int64_t image = index / (nh * nw), by = index % (nh * nw) / nw, bx = index % nw;
+      attend_block(in_data + image * h * w * 3 * c, emb_data, h, w, c, heads, block, halo, by, bx, keys_t.data(),
+                   values.data(), scores.data(), out_data + image * h * w * c);
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(ssiu, m) {
   m.def("depthwise_reflect(Tensor x, Tensor weight, Tensor? bias, int offset, int rows) -> Tensor");
   m.def("upsample_combine(Tensor low, Tensor v, Tensor b, int r0, int height) -> Tensor");
+  m.def("halo_attention(Tensor qkv, Tensor embedding, int heads, int block, int halo) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(ssiu, CPU, m) {
   m.impl("depthwise_reflect", depthwise_reflect);
   m.impl("upsample_combine", upsample_combine);
+  m.impl("halo_attention", halo_attention);
 }
