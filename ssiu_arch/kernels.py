@@ -61,3 +61,11 @@ def halo_attention(qkv: torch.Tensor, embedding: torch.Tensor, heads: int, block
     the keys (plus ``embedding``, (window, window, C / heads)) and values of the block grown by ``halo`` pixels,
     zero outside the map. Returns (B, h, w, C)."""
     return torch.ops.ssiu.halo_attention(qkv, embedding, heads, block, halo)
+
+
+def moe_combine(logits: list[torch.Tensor], experts: list[torch.Tensor], residual: torch.Tensor | None,
+                with_gates: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """MoE-FS gating of (B, H, W, C) maps: ``gates = softmax(logits)`` over the experts, ``out = sum(gates *
+    experts)``, ``skip = out + residual``. Returns (out, skip, gates (B, H, W, E, C) or None)."""
+    out, skip, gates = torch.ops.ssiu.moe_combine(logits, experts, residual, with_gates)
+    return out, skip, gates if with_gates else None

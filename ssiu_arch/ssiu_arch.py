@@ -534,17 +534,22 @@ class MoEFeatureSelector(nn.Module):
         self.fuse = nn.Conv2d(num_feat, num_feat, 1)
 
     def forward(
-        self, experts: list[torch.Tensor], residual: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``fuse(out) + out`` (plus ``residual`` if given) for the gated sum ``out``, and the gates."""
+        self, experts: list[torch.Tensor], residual: torch.Tensor | None = None, with_gates: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``fuse(out) + out`` (plus ``residual`` if given) for the gated sum ``out``, and the gates (None unless
+        ``with_gates``)."""
         fcs = (self.fc_a, self.fc_b, self.fc_c)
-        gates = torch.stack([linear_nhwc(e, _matrix(fc), fc.bias) for fc, e in zip(fcs, experts)], dim=-2)
-        gates = gates.softmax(dim=-2)
-        out = gates[..., 0, :] * experts[0]
-        for i in (1, 2):
-            out = out.addcmul(gates[..., i, :], experts[i])
-        skip = out.clone() if residual is None else out + residual
-        return linear_nhwc(out, _matrix(self.fuse), self.fuse.bias, add=skip, accumulate=True), gates
+        logits = [linear_nhwc(e, _matrix(fc), fc.bias) for fc, e in zip(fcs, experts)]
+        if kernels.applies(*logits, *experts, residual):
+            out, skip, gates = kernels.moe_combine(logits, experts, residual, with_gates)
+        else:
+            gates = torch.stack(logits, dim=-2).softmax(dim=-2)
+            out = gates[..., 0, :] * experts[0]
+            for i in (1, 2):
+                out = out.addcmul(gates[..., i, :], experts[i])
+            skip = out.clone() if residual is None else out + residual
+        fused = linear_nhwc(out, _matrix(self.fuse), self.fuse.bias, add=skip, accumulate=True)
+        return fused, gates if with_gates else None
 
 
 @ARCH_REGISTRY.register()
@@ -721,7 +726,7 @@ class SSIU(nn.Module):
         fused = scratch[0] if scratch is not None else None
         gates = []
         for r0, r1 in _bands(y.shape[1], band_rows):
-            part, gate = self.moe([_rows(e, r0, r1) for e in experts], residual=_rows(y, r0, r1))
+            part, gate = self.moe([_rows(e, r0, r1) for e in experts], _rows(y, r0, r1), with_gates=return_aux)
             fused = _store(part, fused, r0)
             gates.append(gate)
         skip = F.interpolate(x, scale_factor=self.upscale, mode='bilinear', align_corners=False)

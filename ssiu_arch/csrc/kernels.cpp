@@ -13,6 +13,7 @@
 #include <array>
 #include <cstring>
 #include <optional>
+#include <tuple>
 #include <vector>
 
 namespace {
@@ -35,6 +36,8 @@ inline __attribute__((always_inline)) Vec16 load16(const float* p) {
 }
 
 inline __attribute__((always_inline)) void store16(float* p, Vec16 v) { std::memcpy(p, &v, sizeof v); }
+
+inline __attribute__((always_inline)) Vec16 max16(Vec16 a, Vec16 b) { return a > b ? a : b; }
 
 // Row or column j of a side of n after reflection at both ends (|overshoot| < n).
 inline int64_t reflect(int64_t j, int64_t n) { return j < 0 ? -j : (j >= n ? 2 * (n - 1) - j : j); }
@@ -226,6 +229,51 @@ inline __attribute__((always_inline)) Vec16 exp16(Vec16 x) {
   return lo > 0.f ? Vec16{} : result;
 }
 
+constexpr int64_t kMaxExperts = 8;
+
+// moe_combine on pixels [begin, end): see there.
+SSIU_TARGETS void moe_pixels(const float* const* logits, const float* const* experts, const float* residual,
+                             int64_t n, int64_t c, int64_t begin, int64_t end, float* out, float* skip,
+                             float* gates) {
+  for (int64_t px = begin; px < end; ++px) {
+    const int64_t at = px * c;
+    int64_t ch = 0;
+    for (; ch + 16 <= c; ch += 16) {
+      Vec16 g[kMaxExperts];
+      Vec16 top = load16(logits[0] + at + ch);
+      for (int64_t i = 1; i < n; ++i) top = max16(top, load16(logits[i] + at + ch));
+      Vec16 total{};
+      for (int64_t i = 0; i < n; ++i) {
+        g[i] = exp16(load16(logits[i] + at + ch) - top);
+        total += g[i];
+      }
+      Vec16 sum{};
+      for (int64_t i = 0; i < n; ++i) {
+        g[i] /= total;
+        sum += g[i] * load16(experts[i] + at + ch);
+        if (gates) store16(gates + (px * n + i) * c + ch, g[i]);
+      }
+      store16(out + at + ch, sum);
+      store16(skip + at + ch, residual ? sum + load16(residual + at + ch) : sum);
+    }
+    for (; ch < c; ++ch) {
+      float g[kMaxExperts];
+      float top = logits[0][at + ch];
+      for (int64_t i = 1; i < n; ++i) top = std::max(top, logits[i][at + ch]);
+      float total = 0.f;
+      for (int64_t i = 0; i < n; ++i) total += (g[i] = std::exp(logits[i][at + ch] - top));
+      float sum = 0.f;
+      for (int64_t i = 0; i < n; ++i) {
+        g[i] /= total;
+        sum += g[i] * experts[i][at + ch];
+        if (gates) gates[(px * n + i) * c + ch] = g[i];
+      }
+      out[at + ch] = sum;
+      skip[at + ch] = residual ? sum + residual[at + ch] : sum;
+    }
+  }
+}
+
 constexpr int64_t kGroup = 4;  // queries computed together, sharing every key and value they load
 
 // Scaled scores of a group of queries against NV vectors of 16 keys: scores[g * padded + j] = scale q_g . k_j.
@@ -282,8 +330,6 @@ ScoreKernel score_kernel(int64_t vectors) {
     default: return group_scores_any;
   }
 }
-
-inline __attribute__((always_inline)) Vec16 max16(Vec16 a, Vec16 b) { return a > b ? a : b; }
 
 // Largest lane and sum of lanes, by halving.
 inline __attribute__((always_inline)) float lanes_max(Vec16 v) {
@@ -421,16 +467,59 @@ at::Tensor halo_attention(const at::Tensor& qkv, const at::Tensor& embedding, in
   return out;
 }
 
+// MoE-FS gating of channels-last maps: per pixel and channel, gates = softmax over the experts of `logits`,
+// out = sum of gates * experts; skip = out + residual (out itself without a residual). Returns (out, skip,
+// gates), gates (B, H, W, E, C) if asked for, else an empty tensor.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_combine(at::TensorList logits, at::TensorList experts,
+                                                           const std::optional<at::Tensor>& residual,
+                                                           bool with_gates) {
+  const int64_t n = static_cast<int64_t>(logits.size());
+  TORCH_CHECK(n >= 1 && n <= kMaxExperts && static_cast<int64_t>(experts.size()) == n, "moe_combine: 1 to ",
+              kMaxExperts, " experts, with one logit map each");
+  const auto shape = experts[0].sizes();
+  TORCH_CHECK(experts[0].dim() == 4, "moe_combine: (B, H, W, C) maps expected, got ", shape);
+  std::vector<at::Tensor> l, e;
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK(logits[i].sizes() == shape && experts[i].sizes() == shape && logits[i].scalar_type() == at::kFloat &&
+                experts[i].scalar_type() == at::kFloat && logits[i].device().is_cpu() && experts[i].device().is_cpu(),
+                "moe_combine: every logit and expert map must be float32 on the CPU and shaped ", shape);
+    l.push_back(logits[i].contiguous());
+    e.push_back(experts[i].contiguous());
+  }
+  at::Tensor res;
+  if (residual) {
+    TORCH_CHECK(residual->sizes() == shape && residual->scalar_type() == at::kFloat,
+                "moe_combine: the residual must be float32 and shaped ", shape);
+    res = residual->contiguous();
+  }
+  const int64_t c = shape[3], pixels = shape[0] * shape[1] * shape[2];
+  at::Tensor out = at::empty(shape, e[0].options()), skip = at::empty(shape, e[0].options());
+  at::Tensor gates = with_gates ? at::empty({shape[0], shape[1], shape[2], n, c}, e[0].options())
+                                : at::empty({0}, e[0].options());
+  std::array<const float*, kMaxExperts> lp{}, ep{};
+  for (int64_t i = 0; i < n; ++i) lp[i] = l[i].data_ptr<float>(), ep[i] = e[i].data_ptr<float>();
+  const float* rp = residual ? res.data_ptr<float>() : nullptr;
+  float* op = out.data_ptr<float>();
+  float* sp = skip.data_ptr<float>();
+  float* gp = with_gates ? gates.data_ptr<float>() : nullptr;
+  at::parallel_for(0, pixels, 1024, [&](int64_t begin, int64_t end) {
+    moe_pixels(lp.data(), ep.data(), rp, n, c, begin, end, op, sp, gp);
+  });
+  return {out, skip, gates};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(ssiu, m) {
   m.def("depthwise_reflect(Tensor x, Tensor weight, Tensor? bias, int offset, int rows) -> Tensor");
   m.def("upsample_combine(Tensor low, Tensor v, Tensor b, int r0, int height) -> Tensor");
   m.def("halo_attention(Tensor qkv, Tensor embedding, int heads, int block, int halo) -> Tensor");
+  m.def("moe_combine(Tensor[] logits, Tensor[] experts, Tensor? residual, bool with_gates) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(ssiu, CPU, m) {
   m.impl("depthwise_reflect", depthwise_reflect);
   m.impl("upsample_combine", upsample_combine);
   m.impl("halo_attention", halo_attention);
+  m.impl("moe_combine", moe_combine);
 }
