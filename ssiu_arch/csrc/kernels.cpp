@@ -39,6 +39,30 @@ inline __attribute__((always_inline)) void store16(float* p, Vec16 v) { std::mem
 
 inline __attribute__((always_inline)) Vec16 max16(Vec16 a, Vec16 b) { return a > b ? a : b; }
 
+// exp of 16 lanes: 2^n * e^r with n = round(x / ln 2) and a degree-6 polynomial on |r| <= ln(2) / 2
+// (Cephes' coefficients, within 2 ulp of expf); lanes below -87.3 give 0, as expf does to float precision.
+inline __attribute__((always_inline)) Vec16 exp16(Vec16 x) {
+  typedef int32_t Int16 __attribute__((vector_size(64)));
+  const Vec16 lo = x < -87.3f ? Vec16{} + 1.f : Vec16{};
+  x = x < -87.3f ? Vec16{} - 87.3f : x;
+  x = x > 88.3f ? Vec16{} + 88.3f : x;
+  const Vec16 n = (x * 1.44269504088896341f + 12582912.f) - 12582912.f;  // round to nearest
+  Vec16 r = x - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  Vec16 poly = Vec16{} + 1.9875691500e-4f;
+  poly = poly * r + 1.3981999507e-3f;
+  poly = poly * r + 8.3334519073e-3f;
+  poly = poly * r + 4.1665795894e-2f;
+  poly = poly * r + 1.6666665459e-1f;
+  poly = poly * r + 5.0000001201e-1f;
+  poly = poly * r * r + r + 1.f;
+  const Int16 bits = (__builtin_convertvector(n, Int16) + 127) << 23;
+  Vec16 scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  const Vec16 result = poly * scale;
+  return lo > 0.f ? Vec16{} : result;
+}
+
 // Row or column j of a side of n after reflection at both ends (|overshoot| < n).
 inline int64_t reflect(int64_t j, int64_t n) { return j < 0 ? -j : (j >= n ? 2 * (n - 1) - j : j); }
 
@@ -90,6 +114,196 @@ RowKernel row_kernel(int64_t k) {
     case 7: return depthwise_row<7>;
     default: return nullptr;
   }
+}
+
+// erf of 16 lanes by Abramowitz & Stegun 7.1.26 (absolute error below 1.5e-7, the approximation PyTorch's
+// vectorized CPU erf uses), and GELU(x) = x / 2 (1 + erf(x / sqrt 2)).
+inline __attribute__((always_inline)) Vec16 erf16(Vec16 x) {
+  const Vec16 a = x < 0.f ? -x : x;
+  const Vec16 t = 1.f / (1.f + 0.3275911f * a);
+  Vec16 poly = 1.061405429f * t - 1.453152027f;
+  poly = poly * t + 1.421413741f;
+  poly = poly * t - 0.284496736f;
+  poly = poly * t + 0.254829592f;
+  const Vec16 r = 1.f - poly * t * exp16(-a * a);
+  return x < 0.f ? -r : r;
+}
+
+inline __attribute__((always_inline)) Vec16 gelu16(Vec16 x) { return 0.5f * x * (1.f + erf16(x * 0.70710678118654752f)); }
+
+// GELU in place over n values (n a multiple of 16). Separate from the products: its constants would take the
+// registers their accumulators need.
+SSIU_TARGETS void gelu_inplace(float* x, int64_t n) {
+  for (int64_t i = 0; i < n; i += 16) store16(x + i, gelu16(load16(x + i)));
+}
+
+enum class Epilogue { kBias, kMul, kAdd };
+
+// out[i] = epilogue(x[i] @ wt + bias) for m rows: x (m, k) with row stride ldx, wt (k, 16 NV) with row stride ldw.
+// Epilogues: kMul multiplies by e1[i], kAdd adds e1[i] and, if given, e2[i] (rows of stride
+// lde). Blocks of P rows keep P x NV accumulators in registers and load each weight vector once per block.
+template <int64_t NV, int64_t P, Epilogue E>
+SSIU_TARGETS void gemm_rows(int64_t m, int64_t k, const float* x, int64_t ldx, const float* wt, int64_t ldw,
+                            const float* bias, const float* e1, const float* e2, int64_t lde, float* out,
+                            int64_t ldo) {
+  for (int64_t i = 0; i + P <= m; i += P) {
+    Vec16 acc[P][NV];
+    for (int64_t r = 0; r < P; ++r) {
+      for (int64_t v = 0; v < NV; ++v) acc[r][v] = load16(bias + 16 * v);
+    }
+    for (int64_t kk = 0; kk < k; ++kk) {
+      Vec16 w[NV];
+      for (int64_t v = 0; v < NV; ++v) w[v] = load16(wt + kk * ldw + 16 * v);
+      for (int64_t r = 0; r < P; ++r) {
+        const float xv = x[(i + r) * ldx + kk];
+        for (int64_t v = 0; v < NV; ++v) acc[r][v] += xv * w[v];
+      }
+    }
+    for (int64_t r = 0; r < P; ++r) {
+      for (int64_t v = 0; v < NV; ++v) store16(out + (i + r) * ldo + 16 * v, acc[r][v]);
+    }
+    // The epilogue re-reads the block from L1 once the accumulators are stored, which keeps them in registers.
+    if constexpr (E != Epilogue::kBias) {
+      for (int64_t r = 0; r < P; ++r) {
+        for (int64_t v = 0; v < NV; ++v) {
+          float* o = out + (i + r) * ldo + 16 * v;
+          const int64_t at = (i + r) * lde + 16 * v;
+          Vec16 y = load16(o);
+          if constexpr (E == Epilogue::kMul) y *= load16(e1 + at);
+          if constexpr (E == Epilogue::kAdd) {
+            y += load16(e1 + at);
+            if (e2) y += load16(e2 + at);
+          }
+          store16(o, y);
+        }
+      }
+    }
+  }
+}
+
+// gemm_rows over any number of rows and any output width that is a multiple of 16.
+template <Epilogue E>
+void gemm(int64_t m, int64_t k, int64_t n, const float* x, int64_t ldx, const float* wt, const float* bias,
+          const float* e1, const float* e2, int64_t lde, float* out, int64_t ldo) {
+  constexpr int64_t P = 6;
+  const int64_t body = m / P * P;
+  for (int64_t col = 0; col < n; col += 64) {
+    const int64_t nv = std::min<int64_t>(4, (n - col) / 16);
+    const float* c1 = e1 ? e1 + col : nullptr;
+    const float* c2 = e2 ? e2 + col : nullptr;
+    const float* rx = x + body * ldx;
+    const float* r1 = c1 ? c1 + body * lde : nullptr;
+    const float* r2 = c2 ? c2 + body * lde : nullptr;
+    float* o = out + col;
+    float* ro = o + body * ldo;
+#define SSIU_GEMM(NVV)                                                                               \
+  gemm_rows<NVV, P, E>(body, k, x, ldx, wt + col, n, bias + col, c1, c2, lde, o, ldo);              \
+  gemm_rows<NVV, 1, E>(m - body, k, rx, ldx, wt + col, n, bias + col, r1, r2, lde, ro, ldo);
+    switch (nv) {
+      case 1: SSIU_GEMM(1) break;
+      case 2: SSIU_GEMM(2) break;
+      case 3: SSIU_GEMM(3) break;
+      default: SSIU_GEMM(4) break;
+    }
+#undef SSIU_GEMM
+  }
+}
+
+// Fused Mixed-Scale Gating Module at inference on a channels-last (B, N, W, C) map:
+//
+//   out = W_o (GELU(W_1 x + b_1) * (W_3 DW_k(W_2 x + b_2) + b_3)) + b_o [+ add] [+ x]
+//
+// for output rows [offset, offset + rows) of x; the depthwise convolution reflects rows beyond x's first or last
+// row and columns at both sides. Eager PyTorch makes seven passes over full-size maps for this; here each thread
+// walks its own run of row tiles whose intermediates stay in its L2 cache, keeping the value rows that
+// consecutive tiles share. Weights are (C_out, C_in) matrices, wd (mid, 1, k, k); widths multiples of 16.
+at::Tensor msgm(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
+                const at::Tensor& b2, const at::Tensor& wd, const at::Tensor& bd, const at::Tensor& w3,
+                const at::Tensor& b3, const at::Tensor& wo, const std::optional<at::Tensor>& bo,
+                const std::optional<at::Tensor>& add, bool residual, int64_t offset, int64_t rows,
+                int64_t tile_pixels) {
+  TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat && x.device().is_cpu(),
+              "msgm: x must be a float32 (B, N, W, C) CPU map");
+  const at::Tensor input = x.contiguous();
+  const int64_t batch = input.size(0), n = input.size(1), width = input.size(2), c = input.size(3);
+  const int64_t hidden = w1.size(0), mid = w2.size(0), c_out = wo.size(0), k = wd.size(-1), p = k / 2;
+  TORCH_CHECK(w1.size(1) == c && w2.size(1) == c && w3.size(0) == hidden && w3.size(1) == mid &&
+              wo.size(1) == hidden && wd.size(0) == mid && wd.size(1) == 1 && wd.size(2) == k,
+              "msgm: weight shapes do not fit a ", c, "-channel input");
+  TORCH_CHECK(hidden % 16 == 0 && mid % 16 == 0 && c_out % 16 == 0, "msgm: widths must be multiples of 16");
+  const RowKernel depthwise = row_kernel(k);
+  TORCH_CHECK(depthwise != nullptr, "msgm: kernel size must be 1, 3, 5 or 7, got ", k);
+  TORCH_CHECK(p < n && p < width, "msgm: a ", n, "x", width, " map is too small to reflect-pad by ", p);
+  TORCH_CHECK(offset >= 0 && rows >= 1 && offset + rows <= n, "msgm: rows ", offset, "..", offset + rows,
+              " outside the ", n, " input rows");
+  TORCH_CHECK(!residual || c_out == c, "msgm: a residual needs as many output as input channels");
+  at::Tensor addend;
+  if (add) {
+    TORCH_CHECK(add->sizes() == at::IntArrayRef({batch, rows, width, c_out}) && add->scalar_type() == at::kFloat,
+                "msgm: add must be a float32 (B, rows, W, C_out) map, got ", add->sizes());
+    addend = add->contiguous();
+  }
+  const auto f32 = [](const at::Tensor& t) { return t.to(at::kFloat).contiguous(); };
+  const at::Tensor w1t = f32(w1.t()), w2t = f32(w2.t()), w3t = f32(w3.t()), wot = f32(wo.t());
+  const at::Tensor taps = f32(wd.reshape({mid, k * k}).t()), bias1 = f32(b1), bias2 = f32(b2), bias_d = f32(bd);
+  const at::Tensor bias3 = f32(b3), bias_o = bo ? f32(*bo) : at::zeros({c_out}, input.options());
+  at::Tensor out = at::empty({batch, rows, width, c_out}, input.options());
+
+  const int64_t tile_rows = std::max<int64_t>(1, std::min(rows, tile_pixels / width));
+  const int64_t tiles = (rows + tile_rows - 1) / tile_rows;
+  const int64_t row_px = width;
+  const float* in = input.data_ptr<float>();
+  const float* add_data = add ? addend.data_ptr<float>() : nullptr;
+  float* out_data = out.data_ptr<float>();
+  at::parallel_for(0, batch * tiles, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> value((tile_rows + 2 * p) * row_px * mid), gate(tile_rows * row_px * hidden),
+        dw(tile_rows * row_px * mid), expanded(mid == hidden ? 0 : tile_rows * row_px * hidden);
+    // W_3 (DW) + b_3 goes over DW where the widths agree: each block of rows is read before it is stored.
+    float* const expand_out = mid == hidden ? dw.data() : expanded.data();
+    std::array<const float*, kMaxKernel> src{};
+    int64_t held_image = -1, held_lo = 0, held_hi = 0;  // input rows whose values `value` holds
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t image = t / tiles;
+      const int64_t r0 = offset + (t % tiles) * tile_rows, r1 = std::min(r0 + tile_rows, offset + rows);
+      const int64_t m = (r1 - r0) * row_px;
+      const float* xi = in + image * n * row_px * c;
+      // Value rows the tile reads; reflected rows beyond the input are rows it holds.
+      const int64_t lo = std::max<int64_t>(r0 - p, 0), hi = std::min(r1 + p, n);
+      int64_t start = lo;
+      if (held_image == image && held_lo <= lo && lo < held_hi) {
+        std::memmove(value.data(), value.data() + (lo - held_lo) * row_px * mid, (held_hi - lo) * row_px * mid * 4);
+        start = held_hi;
+      }
+      if (start < hi) {
+        gemm<Epilogue::kBias>((hi - start) * row_px, c, mid, xi + start * row_px * c, c, w2t.data_ptr<float>(),
+                              bias2.data_ptr<float>(), nullptr, nullptr, 0,
+                              value.data() + (start - lo) * row_px * mid, mid);
+      }
+      held_image = image, held_lo = lo, held_hi = hi;
+      for (int64_t r = r0; r < r1; ++r) {
+        for (int64_t ky = 0; ky < k; ++ky) src[ky] = value.data() + (reflect(r + ky - p, n) - lo) * row_px * mid;
+        depthwise(src.data(), width, mid, taps.data_ptr<float>(), bias_d.data_ptr<float>(),
+                  dw.data() + (r - r0) * row_px * mid);
+      }
+      const float* x_rows = xi + r0 * row_px * c;
+      gemm<Epilogue::kBias>(m, c, hidden, x_rows, c, w1t.data_ptr<float>(), bias1.data_ptr<float>(), nullptr,
+                            nullptr, 0, gate.data(), hidden);
+      gelu_inplace(gate.data(), m * hidden);
+      gemm<Epilogue::kMul>(m, mid, hidden, dw.data(), mid, w3t.data_ptr<float>(), bias3.data_ptr<float>(),
+                           gate.data(), nullptr, hidden, expand_out, hidden);
+      float* o = out_data + ((image * rows) + (r0 - offset)) * row_px * c_out;
+      const float* a = add ? add_data + ((image * rows) + (r0 - offset)) * row_px * c_out : nullptr;
+      const float* res = residual ? x_rows : nullptr;
+      if (a || res) {
+        gemm<Epilogue::kAdd>(m, hidden, c_out, expand_out, hidden, wot.data_ptr<float>(), bias_o.data_ptr<float>(),
+                             a ? a : res, a ? res : nullptr, c_out, o, c_out);
+      } else {
+        gemm<Epilogue::kBias>(m, hidden, c_out, expand_out, hidden, wot.data_ptr<float>(), bias_o.data_ptr<float>(),
+                              nullptr, nullptr, 0, o, c_out);
+      }
+    }
+  });
+  return out;
 }
 
 // Reflect-padded k x k depthwise convolution of a channels-last (B, N, W, C) map.
@@ -205,29 +419,6 @@ at::Tensor upsample_combine(const at::Tensor& low, const at::Tensor& v, const at
   return out;
 }
 
-// exp of 16 lanes: 2^n * e^r with n = round(x / ln 2) and a degree-6 polynomial on |r| <= ln(2) / 2
-// (Cephes' coefficients, within 2 ulp of expf); lanes below -87.3 give 0, as expf does to float precision.
-inline __attribute__((always_inline)) Vec16 exp16(Vec16 x) {
-  typedef int32_t Int16 __attribute__((vector_size(64)));
-  const Vec16 lo = x < -87.3f ? Vec16{} + 1.f : Vec16{};
-  x = x < -87.3f ? Vec16{} - 87.3f : x;
-  x = x > 88.3f ? Vec16{} + 88.3f : x;
-  const Vec16 n = (x * 1.44269504088896341f + 12582912.f) - 12582912.f;  // round to nearest
-  Vec16 r = x - n * 0.693359375f;
-  r = r + n * 2.12194440e-4f;
-  Vec16 poly = Vec16{} + 1.9875691500e-4f;
-  poly = poly * r + 1.3981999507e-3f;
-  poly = poly * r + 8.3334519073e-3f;
-  poly = poly * r + 4.1665795894e-2f;
-  poly = poly * r + 1.6666665459e-1f;
-  poly = poly * r + 5.0000001201e-1f;
-  poly = poly * r * r + r + 1.f;
-  const Int16 bits = (__builtin_convertvector(n, Int16) + 127) << 23;
-  Vec16 scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  const Vec16 result = poly * scale;
-  return lo > 0.f ? Vec16{} : result;
-}
 
 constexpr int64_t kMaxExperts = 8;
 
@@ -512,6 +703,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_combine(at::TensorList logits
 
 TORCH_LIBRARY(ssiu, m) {
   m.def("depthwise_reflect(Tensor x, Tensor weight, Tensor? bias, int offset, int rows) -> Tensor");
+  m.def("msgm(Tensor x, Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor wd, Tensor bd, Tensor w3, Tensor b3, "
+        "Tensor wo, Tensor? bo, Tensor? add, bool residual, int offset, int rows, int tile_pixels) -> Tensor");
   m.def("upsample_combine(Tensor low, Tensor v, Tensor b, int r0, int height) -> Tensor");
   m.def("halo_attention(Tensor qkv, Tensor embedding, int heads, int block, int halo) -> Tensor");
   m.def("moe_combine(Tensor[] logits, Tensor[] experts, Tensor? residual, bool with_gates) -> (Tensor, Tensor, Tensor)");
@@ -519,6 +712,7 @@ TORCH_LIBRARY(ssiu, m) {
 
 TORCH_LIBRARY_IMPL(ssiu, CPU, m) {
   m.impl("depthwise_reflect", depthwise_reflect);
+  m.impl("msgm", msgm);
   m.impl("upsample_combine", upsample_combine);
   m.impl("halo_attention", halo_attention);
   m.impl("moe_combine", moe_combine);
