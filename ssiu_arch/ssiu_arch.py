@@ -43,10 +43,9 @@ except (AttributeError, RuntimeError):
     _ONEDNN_CONV = _ONEDNN_CONV_ADD_ = None
 _POINTWISE = ([0, 0], [1, 1], [1, 1], 1)  # padding, stride, dilation, groups of a 1x1 convolution
 # Feature maps above glibc malloc's largest mmap threshold (32 MiB) get fresh, zero-filled pages on every
-# allocation, and with default settings smaller ones too once freed memory is trimmed. CPU inference therefore
-# runs the unfolding steps in 8 MiB row bands on maps above 32 MiB, or above 8 MiB unless freed memory stays
-# with the process (``ssiu_arch.memory``), where whole maps measured faster (``SSIU.whole_map_bytes``,
-# ``SSIU.band_bytes``; a band size of 0 processes whole maps).
+# allocation. CPU inference therefore runs the unfolding steps in 8 MiB row bands on maps above 32 MiB, or above
+# four times that where freed memory stays with the process (``ssiu_arch.memory``): below, whole maps measured
+# faster (``SSIU.whole_map_bytes``, ``SSIU.band_bytes``; a band size of 0 processes whole maps).
 WHOLE_MAP_BYTES = 32 << 20
 BAND_BYTES = 8 << 20
 # HR pixels per band of the tail (its 64-channel features are 8 MiB, its 27 tap maps 3.4 MiB): small enough to
@@ -714,13 +713,13 @@ class SSIU(nn.Module):
     def band_rows(self, x: torch.Tensor) -> int | None:
         """Rows per band of the unfolding steps for the padded LR input ``x``, or None to process whole maps.
 
-        Bands of ``band_bytes`` apply to CPU inference on feature maps larger than ``whole_map_bytes``, or
-        larger than a band where freed memory goes back to the OS (module attributes, default ``BAND_BYTES``
-        and ``WHOLE_MAP_BYTES``). The result is the same and the allocations stay small; training (autograd),
+        Bands of ``band_bytes`` apply to CPU inference on feature maps larger than ``whole_map_bytes``, or four
+        times that where freed memory stays with the process (module attributes, default ``BAND_BYTES`` and
+        ``WHOLE_MAP_BYTES``). The result is the same and the allocations stay small; training (autograd),
         tracing, compiling and GPUs use whole maps.
         """
         map_bytes = x.shape[-2] * x.shape[-1] * self.head.out_channels * x.element_size()
-        limit = self.whole_map_bytes if freed_memory_retained() else min(self.whole_map_bytes, self.band_bytes)
+        limit = self.whole_map_bytes * (4 if freed_memory_retained() else 1)
         if (x.device.type != 'cpu' or not self.band_bytes or map_bytes <= limit
                 or torch.jit.is_tracing() or torch.compiler.is_compiling()
                 or (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())))):

@@ -265,15 +265,15 @@ def test_row_bands_where_allocations_would_fault(monkeypatch, retained):
     monkeypatch.setattr(arch, 'freed_memory_retained', lambda: retained)
     net = SSIU(upscale=2).eval()
     with torch.no_grad():
-        assert net.band_rows(torch.empty(1, 3, 64, 64)) is None  # 1 MiB maps
-        # 16 MiB maps: whole where freed memory stays with the process, else 8 MiB bands
-        assert net.band_rows(torch.empty(1, 3, 256, 256)) == (None if retained else 128)
-        assert net.band_rows(torch.empty(1, 3, 512, 512)) == 64  # 64 MiB maps: above every mmap threshold
+        assert net.band_rows(torch.empty(1, 3, 256, 256)) is None  # 16 MiB maps
+        # 64 MiB maps: above every mmap threshold, whole only where freed memory stays with the process
+        assert net.band_rows(torch.empty(1, 3, 512, 512)) == (None if retained else 64)
+        assert net.band_rows(torch.empty(1, 3, 1024, 1024)) == 32  # 256 MiB maps: 8 MiB bands in any case
         assert net.band_rows(torch.empty(1, 3, 512, 512, device='meta')) is None  # not a CPU tensor
-    assert net.band_rows(torch.empty(1, 3, 512, 512)) is None  # autograd
+    assert net.band_rows(torch.empty(1, 3, 1024, 1024)) is None  # autograd
     net.band_bytes = 0
     with torch.no_grad():
-        assert net.band_rows(torch.empty(1, 3, 512, 512)) is None
+        assert net.band_rows(torch.empty(1, 3, 1024, 1024)) is None
 
 
 def test_freed_memory_retained_reads_the_malloc_environment(monkeypatch):
