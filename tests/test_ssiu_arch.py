@@ -41,9 +41,14 @@ def test_multiply_adds_at_720p_output(scale, expected_g):
     assert abs(macs - expected_g) / expected_g < 0.02, macs
 
 
+@pytest.mark.parametrize('compiled', [True, False], ids=['kernels', 'standard-ops'])
 @pytest.mark.parametrize('path', REFERENCES, ids=lambda p: p.stem)
-def test_published_reference_outputs(path, tmp_path):
+def test_published_reference_outputs(path, compiled, tmp_path, monkeypatch):
+    from ssiu_arch import kernels
     from ssiu_arch.convert import load_ssiu
+
+    assert kernels.available()
+    monkeypatch.setattr(kernels, '_LOADED', compiled)
 
     ref = load_reference(path)
     config = convert_and_check(path, tmp_path)
