@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstdint>
 #include <array>
+#include <climits>
 #include <cstring>
 #include <optional>
 #include <tuple>
@@ -28,6 +29,19 @@ constexpr int64_t kMaxKernel = 7;
 
 // 16 float lanes; GCC and Clang lower it to one AVX-512 register, two AVX2 registers, or four SSE ones.
 typedef float Vec16 __attribute__((vector_size(64)));
+typedef int32_t Int16 __attribute__((vector_size(64)));
+
+inline __attribute__((always_inline)) Int16 float_to_bits(Vec16 v) {
+  Int16 bits;
+  std::memcpy(&bits, &v, sizeof bits);
+  return bits;
+}
+
+inline __attribute__((always_inline)) Vec16 bits_to_float(Int16 bits) {
+  Vec16 v;
+  std::memcpy(&v, &bits, sizeof v);
+  return v;
+}
 
 inline __attribute__((always_inline)) Vec16 load16(const float* p) {
   Vec16 v;
@@ -39,13 +53,11 @@ inline __attribute__((always_inline)) void store16(float* p, Vec16 v) { std::mem
 
 inline __attribute__((always_inline)) Vec16 max16(Vec16 a, Vec16 b) { return a > b ? a : b; }
 
-// exp of 16 lanes: 2^n * e^r with n = round(x / ln 2) and a degree-6 polynomial on |r| <= ln(2) / 2
-// (Cephes' coefficients, within 2 ulp of expf); lanes below -87.3 give 0, as expf does to float precision.
+// exp of 16 lanes of non-positive values (every use here: softmax and erf arguments): 2^n e^r with
+// n = round(x / ln 2) and a degree-6 polynomial on |r| <= ln(2) / 2 (Cephes' coefficients, within 2 ulp of expf).
+// Below -87.3 it returns exp(-87.3) ~ 1.6e-38, which vanishes in every sum it enters.
 inline __attribute__((always_inline)) Vec16 exp16(Vec16 x) {
-  typedef int32_t Int16 __attribute__((vector_size(64)));
-  const Vec16 lo = x < -87.3f ? Vec16{} + 1.f : Vec16{};
   x = x < -87.3f ? Vec16{} - 87.3f : x;
-  x = x > 88.3f ? Vec16{} + 88.3f : x;
   const Vec16 n = (x * 1.44269504088896341f + 12582912.f) - 12582912.f;  // round to nearest
   Vec16 r = x - n * 0.693359375f;
   r = r + n * 2.12194440e-4f;
@@ -56,77 +68,21 @@ inline __attribute__((always_inline)) Vec16 exp16(Vec16 x) {
   poly = poly * r + 1.6666665459e-1f;
   poly = poly * r + 5.0000001201e-1f;
   poly = poly * r * r + r + 1.f;
-  const Int16 bits = (__builtin_convertvector(n, Int16) + 127) << 23;
-  Vec16 scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  const Vec16 result = poly * scale;
-  return lo > 0.f ? Vec16{} : result;
-}
-
-// Row or column j of a side of n after reflection at both ends (|overshoot| < n).
-inline int64_t reflect(int64_t j, int64_t n) { return j < 0 ? -j : (j >= n ? 2 * (n - 1) - j : j); }
-
-// One output row of a K x K depthwise convolution, columns reflect padded.
-//   rows: the K input rows it reads, each (width, c); taps: (K * K, c); bias: (c); out: (width, c).
-// Channels go in blocks of 16 lanes whose K * K taps stay in registers along the row.
-template <int64_t K>
-SSIU_TARGETS void depthwise_row(const float* const* rows, int64_t width, int64_t c, const float* taps,
-                                const float* bias, float* out) {
-  constexpr int64_t p = K / 2;
-  int64_t ch = 0;
-  for (; ch + 16 <= c; ch += 16) {
-    Vec16 w[K * K];
-    for (int64_t t = 0; t < K * K; ++t) w[t] = load16(taps + t * c + ch);
-    const Vec16 b = load16(bias + ch);
-    for (int64_t x = 0; x < width; ++x) {
-      Vec16 acc = b;
-      if (x >= p && x + p < width) {
-        for (int64_t ky = 0; ky < K; ++ky) {
-          const float* src = rows[ky] + (x - p) * c + ch;
-          for (int64_t kx = 0; kx < K; ++kx) acc += w[ky * K + kx] * load16(src + kx * c);
-        }
-      } else {
-        for (int64_t ky = 0; ky < K; ++ky) {
-          for (int64_t kx = 0; kx < K; ++kx) acc += w[ky * K + kx] * load16(rows[ky] + reflect(x + kx - p, width) * c + ch);
-        }
-      }
-      store16(out + x * c + ch, acc);
-    }
-  }
-  for (; ch < c; ++ch) {
-    for (int64_t x = 0; x < width; ++x) {
-      float acc = bias[ch];
-      for (int64_t ky = 0; ky < K; ++ky) {
-        for (int64_t kx = 0; kx < K; ++kx) acc += taps[(ky * K + kx) * c + ch] * rows[ky][reflect(x + kx - p, width) * c + ch];
-      }
-      out[x * c + ch] = acc;
-    }
-  }
-}
-
-using RowKernel = void (*)(const float* const*, int64_t, int64_t, const float*, const float*, float*);
-
-RowKernel row_kernel(int64_t k) {
-  switch (k) {
-    case 1: return depthwise_row<1>;
-    case 3: return depthwise_row<3>;
-    case 5: return depthwise_row<5>;
-    case 7: return depthwise_row<7>;
-    default: return nullptr;
-  }
+  return poly * bits_to_float((__builtin_convertvector(n, Int16) + 127) << 23);
 }
 
 // erf of 16 lanes by Abramowitz & Stegun 7.1.26 (absolute error below 1.5e-7, the approximation PyTorch's
 // vectorized CPU erf uses), and GELU(x) = x / 2 (1 + erf(x / sqrt 2)).
 inline __attribute__((always_inline)) Vec16 erf16(Vec16 x) {
-  const Vec16 a = x < 0.f ? -x : x;
+  const Int16 sign = float_to_bits(x) & INT32_MIN;
+  const Vec16 a = bits_to_float(float_to_bits(x) ^ sign);
   const Vec16 t = 1.f / (1.f + 0.3275911f * a);
   Vec16 poly = 1.061405429f * t - 1.453152027f;
   poly = poly * t + 1.421413741f;
   poly = poly * t - 0.284496736f;
   poly = poly * t + 0.254829592f;
-  const Vec16 r = 1.f - poly * t * exp16(-a * a);
-  return x < 0.f ? -r : r;
+  const Vec16 r = 1.f - poly * t * exp16(-a * a);  // >= 0: erf(|x|)
+  return bits_to_float(float_to_bits(r) | sign);
 }
 
 inline __attribute__((always_inline)) Vec16 gelu16(Vec16 x) { return 0.5f * x * (1.f + erf16(x * 0.70710678118654752f)); }
