@@ -32,6 +32,8 @@ def kernel_build() -> dict:
             except Exception as err:  # any compiler failure leaves the standard-operator path
                 print(f'warning: SSIU CPU kernels not built ({err}); standard PyTorch operators will be used')
                 self.extensions = []
+                for stale in (HERE / 'ssiu_arch').glob('_kernels*.so'):  # an earlier in-place build
+                    stale.unlink()
 
     kernels = CppExtension('ssiu_arch._kernels', ['ssiu_arch/csrc/kernels.cpp'],
                            extra_compile_args=['-O3', '-fopenmp'], extra_link_args=['-fopenmp'])

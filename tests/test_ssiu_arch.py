@@ -47,7 +47,7 @@ def test_published_reference_outputs(path, compiled, tmp_path, monkeypatch):
     from ssiu_arch import kernels
     from ssiu_arch.convert import load_ssiu
 
-    assert kernels.available()
+    assert kernels.available() or not compiled, 'compiled kernels missing: install with a C++ compiler'
     monkeypatch.setattr(kernels, '_LOADED', compiled)
 
     ref = load_reference(path)

@@ -8,10 +8,10 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cmath>
-#include <cstdint>
 #include <array>
 #include <climits>
+#include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <optional>
 #include <tuple>
@@ -69,6 +69,59 @@ inline __attribute__((always_inline)) Vec16 exp16(Vec16 x) {
   poly = poly * r + 5.0000001201e-1f;
   poly = poly * r * r + r + 1.f;
   return poly * bits_to_float((__builtin_convertvector(n, Int16) + 127) << 23);
+}
+
+// Row or column j of a side of n after reflection at both ends (|overshoot| < n).
+inline int64_t reflect(int64_t j, int64_t n) { return j < 0 ? -j : (j >= n ? 2 * (n - 1) - j : j); }
+
+// One output row of a K x K depthwise convolution, columns reflect padded.
+//   rows: the K input rows it reads, each (width, c); taps: (K * K, c); bias: (c); out: (width, c).
+// Channels go in blocks of 16 lanes whose K * K taps stay in registers along the row.
+template <int64_t K>
+SSIU_TARGETS void depthwise_row(const float* const* rows, int64_t width, int64_t c, const float* taps,
+                                const float* bias, float* out) {
+  constexpr int64_t p = K / 2;
+  int64_t ch = 0;
+  for (; ch + 16 <= c; ch += 16) {
+    Vec16 w[K * K];
+    for (int64_t t = 0; t < K * K; ++t) w[t] = load16(taps + t * c + ch);
+    const Vec16 b = load16(bias + ch);
+    for (int64_t x = 0; x < width; ++x) {
+      Vec16 acc = b;
+      if (x >= p && x + p < width) {
+        for (int64_t ky = 0; ky < K; ++ky) {
+          const float* src = rows[ky] + (x - p) * c + ch;
+          for (int64_t kx = 0; kx < K; ++kx) acc += w[ky * K + kx] * load16(src + kx * c);
+        }
+      } else {
+        for (int64_t ky = 0; ky < K; ++ky) {
+          for (int64_t kx = 0; kx < K; ++kx) acc += w[ky * K + kx] * load16(rows[ky] + reflect(x + kx - p, width) * c + ch);
+        }
+      }
+      store16(out + x * c + ch, acc);
+    }
+  }
+  for (; ch < c; ++ch) {
+    for (int64_t x = 0; x < width; ++x) {
+      float acc = bias[ch];
+      for (int64_t ky = 0; ky < K; ++ky) {
+        for (int64_t kx = 0; kx < K; ++kx) acc += taps[(ky * K + kx) * c + ch] * rows[ky][reflect(x + kx - p, width) * c + ch];
+      }
+      out[x * c + ch] = acc;
+    }
+  }
+}
+
+using RowKernel = void (*)(const float* const*, int64_t, int64_t, const float*, const float*, float*);
+
+RowKernel row_kernel(int64_t k) {
+  switch (k) {
+    case 1: return depthwise_row<1>;
+    case 3: return depthwise_row<3>;
+    case 5: return depthwise_row<5>;
+    case 7: return depthwise_row<7>;
+    default: return nullptr;
+  }
 }
 
 // erf of 16 lanes by Abramowitz & Stegun 7.1.26 (absolute error below 1.5e-7, the approximation PyTorch's
