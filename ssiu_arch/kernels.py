@@ -73,9 +73,13 @@ def moe_combine(logits: list[torch.Tensor], experts: list[torch.Tensor], residua
 
 def msgm(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, wd: torch.Tensor,
          bd: torch.Tensor, w3: torch.Tensor, b3: torch.Tensor, wo: torch.Tensor, bo: torch.Tensor | None,
-         add: torch.Tensor | None, residual: bool, offset: int, rows: int, tile_pixels: int) -> torch.Tensor:
+         add: torch.Tensor | None, residual: bool, offset: int, rows: int, tile_pixels: int,
+         norm: torch.nn.LayerNorm | None = None) -> torch.Tensor:
     """Fused MSGM ``W_o (GELU(W_1 x + b_1) * (W_3 DW(W_2 x + b_2) + b_3)) + b_o [+ add] [+ x]`` on rows
     ``offset:offset + rows`` of a channels-last (B, N, W, C) map, computed in cache-sized tiles of
-    ``tile_pixels``. Weights are (C_out, C_in) matrices and the (mid, 1, k, k) depthwise kernel; rows the
-    depthwise convolution needs beyond the input are reflected."""
-    return torch.ops.ssiu.msgm(x, w1, b1, w2, b2, wd, bd, w3, b3, wo, bo, add, residual, offset, rows, tile_pixels)
+    ``tile_pixels``; with ``norm``, ``x`` is ``norm`` of the input, computed in the tiles. Weights are (C_out, C_in)
+    matrices and the (mid, 1, k, k) depthwise kernel; rows the depthwise convolution needs beyond the input are
+    reflected."""
+    ln_weight, ln_bias, eps = (None, None, 0.0) if norm is None else (norm.weight, norm.bias, norm.eps)
+    return torch.ops.ssiu.msgm(x, w1, b1, w2, b2, wd, bd, w3, b3, wo, bo, add, residual, ln_weight, ln_bias, eps,
+                               offset, rows, tile_pixels)

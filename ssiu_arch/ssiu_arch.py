@@ -319,6 +319,14 @@ class MSGM(nn.Module):
         value = depthwise_reflect(linear_nhwc(x, value_weight, value_bias), depthwise, top, bottom)
         return linear_nhwc(value, _matrix(expand), expand.bias, mul=gate)
 
+    def fuses(self, x: torch.Tensor, *others: torch.Tensor | None) -> bool:
+        """Whether :meth:`project` runs the compiled kernel on the band ``x``: CPU inference (no gradient to any of
+        these tensors or the module's parameters), widths multiples of 16."""
+        widths = (x.shape[-1], self.project_in1.out_channels, self.project_in2[0].out_channels,
+                  self.project_out.out_channels)
+        return (kernels.applies(x, *others, *self.parameters()) and all(n % 16 == 0 for n in widths)
+                and self.halo <= 3 and min(x.shape[1], x.shape[2]) > self.halo)
+
     def project(
         self,
         x: torch.Tensor,
@@ -329,26 +337,28 @@ class MSGM(nn.Module):
         add: torch.Tensor | None = None,
         residual: bool = False,
         accumulate: bool = False,
+        norm: nn.LayerNorm | None = None,
     ) -> torch.Tensor:
-        """``W_o gated(x + shift) + bias`` plus ``add`` and, with ``residual``, plus ``x``, on the band's rows.
+        """``W_o gated(x' + shift) + bias`` plus ``add`` and, with ``residual``, plus ``x'``, on the band's rows.
 
-        ``x``, ``top``, ``bottom`` and ``shift`` are as in :meth:`gated`; ``bias`` replaces ``project_out``'s own
-        (None: no bias). At CPU inference one compiled kernel computes it in cache-sized tiles. Otherwise, with
-        ``accumulate``, the sum may be written into ``add`` or, with ``residual``, into ``x``.
+        ``x' = norm(x)`` (``x`` if no ``norm``); ``x``, ``top``, ``bottom`` and ``shift`` are as in :meth:`gated`;
+        ``bias`` replaces ``project_out``'s own (None: no bias). At CPU inference one compiled kernel computes it
+        in cache-sized tiles (see :meth:`fuses`). Otherwise, with ``accumulate``, the sum may be written into
+        ``add`` or, with ``residual``, into ``x'``.
         """
         reduce, depthwise, expand = self.project_in2
         p = self.halo
         rows = x.shape[1] - 2 * p + top + bottom
-        widths = (self.project_in1.out_channels, reduce.out_channels, self.project_out.out_channels)
-        if (kernels.applies(x, add) and all(n % 16 == 0 for n in widths) and p <= 3
-                and min(x.shape[1], x.shape[2]) > p):
+        if self.fuses(x, add, *(() if norm is None else norm.parameters())):
             gate_bias, value_bias = self.project_in1.bias, reduce.bias
             if shift is not None:
                 gate_bias = gate_bias + _matrix(self.project_in1) @ shift
                 value_bias = value_bias + _matrix(reduce) @ shift
             return kernels.msgm(x, _matrix(self.project_in1), gate_bias, _matrix(reduce), value_bias, depthwise.weight,
                                 depthwise.bias, _matrix(expand), expand.bias, _matrix(self.project_out), bias, add,
-                                residual, p - top, rows, MSGM_TILE_PIXELS)
+                                residual, p - top, rows, MSGM_TILE_PIXELS, norm=norm)
+        if norm is not None:
+            x = norm(x)
         gated = self.gated(x, top, bottom, shift)
         if residual:
             inner = _rows(x, p - top, p - top + rows)
@@ -536,9 +546,11 @@ class SSRMStep(nn.Module):
         v_map, b_map = scratch if scratch is not None else (None, None)
         for r0, r1 in bands:
             lo, hi, top, bottom = _window(r0, r1, p, height)
-            x = self.norm(_rows(a, lo, hi))
-            b = _store(self.s2.project(x, top, bottom), b_map, r0)  # b - out2.bias
-            v = self.s1.project(x, top, bottom, add=_rows(y, r0, r1), residual=True, accumulate=True)
+            x, norm = _rows(a, lo, hi), self.norm.body  # the compiled MSGM normalizes in its tiles
+            if not (self.s1.fuses(x, *self.norm.parameters()) and self.s2.fuses(x)):
+                x, norm = self.norm(x), None
+            b = _store(self.s2.project(x, top, bottom, norm=norm), b_map, r0)  # b - out2.bias
+            v = self.s1.project(x, top, bottom, add=_rows(y, r0, r1), residual=True, accumulate=True, norm=norm)
             v = _store(v, v_map, r0)  # v - out1.bias
         low = self.s3.attend(v, shift=out1.bias)
         shift4, bias4 = out1.bias - out2.bias, out4.bias + out2.bias

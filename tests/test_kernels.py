@@ -135,3 +135,12 @@ def test_network_equals_its_standard_operator_path(scale, size, batch, without_k
     assert (aux['gates'] - ref_aux['gates']).abs().max() <= 1e-6
     for a, b in zip(aux['step_outputs'], ref_aux['step_outputs']):
         assert (a - b).abs().max() <= 1e-5
+
+
+def test_gradients_reach_every_weight_in_eval_mode():
+    # Eval mode with autograd on: the kernels, which have no backward, must stand aside even for an input that
+    # needs no gradient.
+    for module, x in ((MSGM(16).eval(), torch.rand(1, 8, 8, 16)),
+                      (SSIU(upscale=2, num_feat=16, num_block=3).eval(), torch.rand(1, 3, 16, 16))):
+        module(x).mean().backward()
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())

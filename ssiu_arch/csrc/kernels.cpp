@@ -53,6 +53,27 @@ inline __attribute__((always_inline)) void store16(float* p, Vec16 v) { std::mem
 
 inline __attribute__((always_inline)) Vec16 max16(Vec16 a, Vec16 b) { return a > b ? a : b; }
 
+// Largest lane and sum of lanes, by halving.
+inline __attribute__((always_inline)) float lanes_max(Vec16 v) {
+  typedef float Vec8 __attribute__((vector_size(32)));
+  typedef float Vec4 __attribute__((vector_size(16)));
+  const Vec8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7);
+  const Vec8 b = __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  const Vec8 m8 = a > b ? a : b;
+  const Vec4 c = __builtin_shufflevector(m8, m8, 0, 1, 2, 3), d = __builtin_shufflevector(m8, m8, 4, 5, 6, 7);
+  const Vec4 m4 = c > d ? c : d;
+  return std::max(std::max(m4[0], m4[1]), std::max(m4[2], m4[3]));
+}
+
+inline __attribute__((always_inline)) float lanes_sum(Vec16 v) {
+  typedef float Vec8 __attribute__((vector_size(32)));
+  typedef float Vec4 __attribute__((vector_size(16)));
+  const Vec8 s8 = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+                  __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  const Vec4 s4 = __builtin_shufflevector(s8, s8, 0, 1, 2, 3) + __builtin_shufflevector(s8, s8, 4, 5, 6, 7);
+  return (s4[0] + s4[1]) + (s4[2] + s4[3]);
+}
+
 // exp of 16 lanes of non-positive values (every use here: softmax and erf arguments): 2^n e^r with
 // n = round(x / ln 2) and a degree-6 polynomial on |r| <= ln(2) / 2 (Cephes' coefficients, within 2 ulp of expf).
 // Below -87.3 it returns exp(-87.3) ~ 1.6e-38, which vanishes in every sum it enters.
@@ -218,28 +239,56 @@ void gemm(int64_t m, int64_t k, int64_t n, const float* x, int64_t ldx, const fl
   }
 }
 
+// LayerNorm over the c channels of each of `pixels` pixels: (x - mean) / sqrt(var + eps) * weight + bias, with
+// the two-pass variance (c a multiple of 16).
+SSIU_TARGETS void layer_norm_rows(const float* x, int64_t pixels, int64_t c, const float* weight, const float* bias,
+                                  float eps, float* out) {
+  for (int64_t px = 0; px < pixels; ++px) {
+    const float* row = x + px * c;
+    Vec16 sum{};
+    for (int64_t ch = 0; ch < c; ch += 16) sum += load16(row + ch);
+    const float mean = lanes_sum(sum) / static_cast<float>(c);
+    Vec16 squares{};
+    for (int64_t ch = 0; ch < c; ch += 16) {
+      const Vec16 d = load16(row + ch) - mean;
+      squares += d * d;
+    }
+    const float rstd = 1.f / std::sqrt(lanes_sum(squares) / static_cast<float>(c) + eps);
+    for (int64_t ch = 0; ch < c; ch += 16) {
+      store16(out + px * c + ch, (load16(row + ch) - mean) * rstd * load16(weight + ch) + load16(bias + ch));
+    }
+  }
+}
+
 // Fused Mixed-Scale Gating Module at inference on a channels-last (B, N, W, C) map:
 //
 //   out = W_o (GELU(W_1 x + b_1) * (W_3 DW_k(W_2 x + b_2) + b_3)) + b_o [+ add] [+ x]
 //
-// for output rows [offset, offset + rows) of x; the depthwise convolution reflects rows beyond x's first or last
+// with x the input or, given ln_weight and ln_bias, its LayerNorm over channels (computed in the tiles, so the
+// normalized map never exists), for output rows [offset, offset + rows) of x; the depthwise convolution reflects rows beyond x's first or last
 // row and columns at both sides. Eager PyTorch makes seven passes over full-size maps for this; here each thread
 // walks its own run of row tiles whose intermediates stay in its L2 cache, keeping the value rows that
 // consecutive tiles share. Weights are (C_out, C_in) matrices, wd (mid, 1, k, k); widths multiples of 16.
 at::Tensor msgm(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
                 const at::Tensor& b2, const at::Tensor& wd, const at::Tensor& bd, const at::Tensor& w3,
                 const at::Tensor& b3, const at::Tensor& wo, const std::optional<at::Tensor>& bo,
-                const std::optional<at::Tensor>& add, bool residual, int64_t offset, int64_t rows,
+                const std::optional<at::Tensor>& add, bool residual, const std::optional<at::Tensor>& ln_weight,
+                const std::optional<at::Tensor>& ln_bias, double ln_eps, int64_t offset, int64_t rows,
                 int64_t tile_pixels) {
   TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat && x.device().is_cpu(),
               "msgm: x must be a float32 (B, N, W, C) CPU map");
+  const bool normalize = ln_weight.has_value();
+  TORCH_CHECK(normalize == ln_bias.has_value(), "msgm: give both LayerNorm weight and bias, or neither");
   const at::Tensor input = x.contiguous();
   const int64_t batch = input.size(0), n = input.size(1), width = input.size(2), c = input.size(3);
   const int64_t hidden = w1.size(0), mid = w2.size(0), c_out = wo.size(0), k = wd.size(-1), p = k / 2;
   TORCH_CHECK(w1.size(1) == c && w2.size(1) == c && w3.size(0) == hidden && w3.size(1) == mid &&
               wo.size(1) == hidden && wd.size(0) == mid && wd.size(1) == 1 && wd.size(2) == k,
               "msgm: weight shapes do not fit a ", c, "-channel input");
-  TORCH_CHECK(hidden % 16 == 0 && mid % 16 == 0 && c_out % 16 == 0, "msgm: widths must be multiples of 16");
+  TORCH_CHECK(hidden % 16 == 0 && mid % 16 == 0 && c_out % 16 == 0 && (!normalize || c % 16 == 0),
+              "msgm: widths must be multiples of 16");
+  TORCH_CHECK(!normalize || (ln_weight->numel() == c && ln_bias->numel() == c), "msgm: LayerNorm parameters must have ",
+              c, " elements");
   const RowKernel depthwise = row_kernel(k);
   TORCH_CHECK(depthwise != nullptr, "msgm: kernel size must be 1, 3, 5 or 7, got ", k);
   TORCH_CHECK(p < n && p < width, "msgm: a ", n, "x", width, " map is too small to reflect-pad by ", p);
@@ -256,6 +305,8 @@ at::Tensor msgm(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
   const at::Tensor w1t = f32(w1.t()), w2t = f32(w2.t()), w3t = f32(w3.t()), wot = f32(wo.t());
   const at::Tensor taps = f32(wd.reshape({mid, k * k}).t()), bias1 = f32(b1), bias2 = f32(b2), bias_d = f32(bd);
   const at::Tensor bias3 = f32(b3), bias_o = bo ? f32(*bo) : at::zeros({c_out}, input.options());
+  const at::Tensor norm_w = normalize ? f32(*ln_weight) : at::Tensor(), norm_b = normalize ? f32(*ln_bias) : at::Tensor();
+  const float eps = static_cast<float>(ln_eps);
   at::Tensor out = at::empty({batch, rows, width, c_out}, input.options());
 
   const int64_t tile_rows = std::max<int64_t>(1, std::min(rows, tile_pixels / width));
@@ -266,7 +317,8 @@ at::Tensor msgm(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
   float* out_data = out.data_ptr<float>();
   at::parallel_for(0, batch * tiles, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> value((tile_rows + 2 * p) * row_px * mid), gate(tile_rows * row_px * hidden),
-        dw(tile_rows * row_px * mid), expanded(mid == hidden ? 0 : tile_rows * row_px * hidden);
+        dw(tile_rows * row_px * mid), expanded(mid == hidden ? 0 : tile_rows * row_px * hidden),
+        normed(normalize ? (tile_rows + 2 * p) * row_px * c : 0);
     // W_3 (DW) + b_3 goes over DW where the widths agree: each block of rows is read before it is stored.
     float* const expand_out = mid == hidden ? dw.data() : expanded.data();
     std::array<const float*, kMaxKernel> src{};
@@ -283,8 +335,15 @@ at::Tensor msgm(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
         std::memmove(value.data(), value.data() + (lo - held_lo) * row_px * mid, (held_hi - lo) * row_px * mid * 4);
         start = held_hi;
       }
+      // The input rows [lo, hi), normalized into `normed` if asked for.
+      const float* x_lo = xi + lo * row_px * c;
+      if (normalize) {
+        layer_norm_rows(x_lo, (hi - lo) * row_px, c, norm_w.data_ptr<float>(), norm_b.data_ptr<float>(), eps,
+                        normed.data());
+        x_lo = normed.data();
+      }
       if (start < hi) {
-        gemm<Epilogue::kBias>((hi - start) * row_px, c, mid, xi + start * row_px * c, c, w2t.data_ptr<float>(),
+        gemm<Epilogue::kBias>((hi - start) * row_px, c, mid, x_lo + (start - lo) * row_px * c, c, w2t.data_ptr<float>(),
                               bias2.data_ptr<float>(), nullptr, nullptr, 0,
                               value.data() + (start - lo) * row_px * mid, mid);
       }
@@ -294,7 +353,7 @@ at::Tensor msgm(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
         depthwise(src.data(), width, mid, taps.data_ptr<float>(), bias_d.data_ptr<float>(),
                   dw.data() + (r - r0) * row_px * mid);
       }
-      const float* x_rows = xi + r0 * row_px * c;
+      const float* x_rows = x_lo + (r0 - lo) * row_px * c;
       gemm<Epilogue::kBias>(m, c, hidden, x_rows, c, w1t.data_ptr<float>(), bias1.data_ptr<float>(), nullptr,
                             nullptr, 0, gate.data(), hidden);
       gelu_inplace(gate.data(), m * hidden);
@@ -531,27 +590,6 @@ ScoreKernel score_kernel(int64_t vectors) {
   }
 }
 
-// Largest lane and sum of lanes, by halving.
-inline __attribute__((always_inline)) float lanes_max(Vec16 v) {
-  typedef float Vec8 __attribute__((vector_size(32)));
-  typedef float Vec4 __attribute__((vector_size(16)));
-  const Vec8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7);
-  const Vec8 b = __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-  const Vec8 m8 = a > b ? a : b;
-  const Vec4 c = __builtin_shufflevector(m8, m8, 0, 1, 2, 3), d = __builtin_shufflevector(m8, m8, 4, 5, 6, 7);
-  const Vec4 m4 = c > d ? c : d;
-  return std::max(std::max(m4[0], m4[1]), std::max(m4[2], m4[3]));
-}
-
-inline __attribute__((always_inline)) float lanes_sum(Vec16 v) {
-  typedef float Vec8 __attribute__((vector_size(32)));
-  typedef float Vec4 __attribute__((vector_size(16)));
-  const Vec8 s8 = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
-                  __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-  const Vec4 s4 = __builtin_shufflevector(s8, s8, 0, 1, 2, 3) + __builtin_shufflevector(s8, s8, 4, 5, 6, 7);
-  return (s4[0] + s4[1]) + (s4[2] + s4[3]);
-}
-
 // Softmax of a row of `padded` scores in place, its last vector first offset by `tail` (0 on keys, -3e38 on the
 // padding past the last key); returns 1 / sum of exps.
 SSIU_TARGETS float softmax_row(float* scores, int64_t padded, const float* tail) {
@@ -713,7 +751,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_combine(at::TensorList logits
 TORCH_LIBRARY(ssiu, m) {
   m.def("depthwise_reflect(Tensor x, Tensor weight, Tensor? bias, int offset, int rows) -> Tensor");
   m.def("msgm(Tensor x, Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor wd, Tensor bd, Tensor w3, Tensor b3, "
-        "Tensor wo, Tensor? bo, Tensor? add, bool residual, int offset, int rows, int tile_pixels) -> Tensor");
+        "Tensor wo, Tensor? bo, Tensor? add, bool residual, Tensor? ln_weight, Tensor? ln_bias, float ln_eps, "
+        "int offset, int rows, int tile_pixels) -> Tensor");
   m.def("upsample_combine(Tensor low, Tensor v, Tensor b, int r0, int height) -> Tensor");
   m.def("halo_attention(Tensor qkv, Tensor embedding, int heads, int block, int halo) -> Tensor");
   m.def("moe_combine(Tensor[] logits, Tensor[] experts, Tensor? residual, bool with_gates) -> (Tensor, Tensor, Tensor)");
