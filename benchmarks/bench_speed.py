@@ -3,7 +3,8 @@
 Inference cases are the ~1280x720-output inputs of the lightweight-SR literature (x2 640x360, x3 426x240,
 x4 320x180), each measured in a fresh process by :mod:`ssiu_arch.benchmark` (the code behind ``ssiu bench``),
 with glibc malloc left at its defaults and tuned to retain freed memory. ``--maps compare`` times each case
-twice, with whole feature maps and with 8 MiB row bands (by default SSIU chooses: bands above 32 MiB maps).
+twice, with whole feature maps and with 8 MiB row bands (by default SSIU chooses: bands above 32 MiB maps, above
+128 MiB where freed memory is retained).
 The training step is one forward + backward of an x2 batch of 8 LR patches of 64x64.
 
     python benchmarks/bench_speed.py [--threads 2] [--runs 5] [--malloc both|retain|default] [--maps auto|compare]

@@ -14,15 +14,14 @@ Parameter names follow the published checkpoints (``head``, ``body.N.{norm,s1,s2
 is removed (see :mod:`ssiu_arch.convert`).
 
 Speed: the network is mostly 1x1 convolutions of 64 channels, whose cost on CPU is memory traffic. Inside
-:class:`SSIU` every feature map is therefore channels-last ``(B, H, W, C)``, so that a 1x1 convolution is a
-single matrix product over contiguous pixels; elementwise work is folded into those products (GELU, gating
-product and residual sums as oneDNN post-ops at CPU inference, written in place where the addend is not
-needed again; per-channel biases moved across linear maps). On maps above 32 MiB the unfolding steps run in
-bands of rows with the halo rows of their depthwise convolutions, which keeps allocations small; the tail
-always runs in bands, so no full-size HR feature map exists, and its final 3x3 convolution is one matrix
-product for its 9 taps x 3 outputs, whose maps are shifted and summed.
-Training, tracing and ONNX export run the same computation with standard operators. Results equal the
-published network up to float32 rounding.
+:class:`SSIU` every feature map is therefore channels-last ``(B, H, W, C)``. At CPU inference the MSGMs, ESAM's
+attention and upsampling and the MoE-FS gating run in compiled kernels (:mod:`ssiu_arch.kernels`), the MSGMs in
+L2-sized row tiles; the remaining 1x1 convolutions go through oneDNN with fused epilogues, and per-channel
+biases are moved across linear maps. On large maps the unfolding steps run in bands of rows with the halo rows
+of their depthwise convolutions, which keeps allocations small; the tail always runs in bands, so no full-size
+HR feature map exists, and its final 3x3 convolution is one matrix product for its 9 taps x 3 outputs, whose
+maps are shifted and summed. Training, tracing and ONNX export run the same computation with standard
+operators. Results equal the published network up to float32 rounding.
 """
 from __future__ import annotations
 
