@@ -144,3 +144,10 @@ def test_gradients_reach_every_weight_in_eval_mode():
                       (SSIU(upscale=2, num_feat=16, num_block=3).eval(), torch.rand(1, 3, 16, 16))):
         module(x).mean().backward()
         assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
+
+
+def test_kernels_can_be_switched_off(monkeypatch):
+    monkeypatch.setenv('SSIU_NO_KERNELS', '1')
+    monkeypatch.setattr(kernels, '_LOADED', None)
+    assert not kernels.available()
+    assert not kernels.applies(torch.rand(1, 2, 2, 16))
