@@ -141,7 +141,7 @@ def depthwise_reflect(x: torch.Tensor, conv: nn.Conv2d, top: int, bottom: int) -
     place; otherwise the band is reflect padded and convolved.
     """
     p = conv.kernel_size[0] // 2
-    if kernels.applies(x):
+    if kernels.applies(x, conv.weight, conv.bias):
         return kernels.depthwise_reflect(x, conv.weight, conv.bias, p - top, x.shape[1] - 2 * p + top + bottom)
     x = _reflect_pad(x, top, bottom, p)
     return F.conv2d(x.permute(0, 3, 1, 2), conv.weight, conv.bias, groups=conv.groups).permute(0, 2, 3, 1)
@@ -429,7 +429,7 @@ class ESAM(nn.Module):
             raise ValueError(f'ESAM input {h}x{w} (after pooling) is not a multiple of block_size {bs}')
         qkv_weight = _matrix(self.qkv_conv)
         qkv = linear_nhwc(x, qkv_weight, None if shift is None else qkv_weight @ shift)
-        if kernels.applies(qkv):
+        if kernels.applies(qkv, self.rel_h, self.rel_w):
             out = kernels.halo_attention(qkv, self.key_embedding(), heads, bs, halo)
         else:
             out = self._attention(qkv)

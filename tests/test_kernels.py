@@ -144,6 +144,15 @@ def test_gradients_reach_every_weight_in_eval_mode():
                       (SSIU(upscale=2, num_feat=16, num_block=3).eval(), torch.rand(1, 3, 16, 16))):
         module(x).mean().backward()
         assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
+    # Only ESAM's key embeddings and depthwise convolution trainable: the maps reaching them need no gradient,
+    # the weights still get theirs.
+    net = SSIU(upscale=2, num_feat=16, num_block=3).eval().requires_grad_(False)
+    esam = net.body[0].s3
+    trained = [esam.rel_h, esam.rel_w, *esam.LocalProp.parameters()]
+    for p in trained:
+        p.requires_grad_(True)
+    net(torch.rand(1, 3, 16, 16)).mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in trained)
 
 
 def test_kernels_can_be_switched_off(monkeypatch):
