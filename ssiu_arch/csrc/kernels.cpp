@@ -311,14 +311,13 @@ at::Tensor msgm(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
 
   const int64_t tile_rows = std::max<int64_t>(1, std::min(rows, tile_pixels / width));
   const int64_t tiles = (rows + tile_rows - 1) / tile_rows;
-  const int64_t row_px = width;
   const float* in = input.data_ptr<float>();
   const float* add_data = add ? addend.data_ptr<float>() : nullptr;
   float* out_data = out.data_ptr<float>();
   at::parallel_for(0, batch * tiles, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> value((tile_rows + 2 * p) * row_px * mid), gate(tile_rows * row_px * hidden),
-        dw(tile_rows * row_px * mid), expanded(mid == hidden ? 0 : tile_rows * row_px * hidden),
-        normed(normalize ? (tile_rows + 2 * p) * row_px * c : 0);
+    std::vector<float> value((tile_rows + 2 * p) * width * mid), gate(tile_rows * width * hidden),
+        dw(tile_rows * width * mid), expanded(mid == hidden ? 0 : tile_rows * width * hidden),
+        normed(normalize ? (tile_rows + 2 * p) * width * c : 0);
     // W_3 (DW) + b_3 goes over DW where the widths agree: each block of rows is read before it is stored.
     float* const expand_out = mid == hidden ? dw.data() : expanded.data();
     std::array<const float*, kMaxKernel> src{};
@@ -326,41 +325,41 @@ at::Tensor msgm(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
     for (int64_t t = begin; t < end; ++t) {
       const int64_t image = t / tiles;
       const int64_t r0 = offset + (t % tiles) * tile_rows, r1 = std::min(r0 + tile_rows, offset + rows);
-      const int64_t m = (r1 - r0) * row_px;
-      const float* xi = in + image * n * row_px * c;
+      const int64_t m = (r1 - r0) * width;
+      const float* xi = in + image * n * width * c;
       // Value rows the tile reads; reflected rows beyond the input are rows it holds.
       const int64_t lo = std::max<int64_t>(r0 - p, 0), hi = std::min(r1 + p, n);
       int64_t start = lo;
       if (held_image == image && held_lo <= lo && lo < held_hi) {
-        std::memmove(value.data(), value.data() + (lo - held_lo) * row_px * mid, (held_hi - lo) * row_px * mid * 4);
+        std::memmove(value.data(), value.data() + (lo - held_lo) * width * mid, (held_hi - lo) * width * mid * 4);
         start = held_hi;
       }
       // The input rows [lo, hi), normalized into `normed` if asked for.
-      const float* x_lo = xi + lo * row_px * c;
+      const float* x_lo = xi + lo * width * c;
       if (normalize) {
-        layer_norm_rows(x_lo, (hi - lo) * row_px, c, norm_w.data_ptr<float>(), norm_b.data_ptr<float>(), eps,
+        layer_norm_rows(x_lo, (hi - lo) * width, c, norm_w.data_ptr<float>(), norm_b.data_ptr<float>(), eps,
                         normed.data());
         x_lo = normed.data();
       }
       if (start < hi) {
-        gemm<Epilogue::kBias>((hi - start) * row_px, c, mid, x_lo + (start - lo) * row_px * c, c, w2t.data_ptr<float>(),
+        gemm<Epilogue::kBias>((hi - start) * width, c, mid, x_lo + (start - lo) * width * c, c, w2t.data_ptr<float>(),
                               bias2.data_ptr<float>(), nullptr, nullptr, 0,
-                              value.data() + (start - lo) * row_px * mid, mid);
+                              value.data() + (start - lo) * width * mid, mid);
       }
       held_image = image, held_lo = lo, held_hi = hi;
       for (int64_t r = r0; r < r1; ++r) {
-        for (int64_t ky = 0; ky < k; ++ky) src[ky] = value.data() + (reflect(r + ky - p, n) - lo) * row_px * mid;
+        for (int64_t ky = 0; ky < k; ++ky) src[ky] = value.data() + (reflect(r + ky - p, n) - lo) * width * mid;
         depthwise(src.data(), width, mid, taps.data_ptr<float>(), bias_d.data_ptr<float>(),
-                  dw.data() + (r - r0) * row_px * mid);
+                  dw.data() + (r - r0) * width * mid);
       }
-      const float* x_rows = x_lo + (r0 - lo) * row_px * c;
+      const float* x_rows = x_lo + (r0 - lo) * width * c;
       gemm<Epilogue::kBias>(m, c, hidden, x_rows, c, w1t.data_ptr<float>(), bias1.data_ptr<float>(), nullptr,
                             nullptr, 0, gate.data(), hidden);
       gelu_inplace(gate.data(), m * hidden);
       gemm<Epilogue::kMul>(m, mid, hidden, dw.data(), mid, w3t.data_ptr<float>(), bias3.data_ptr<float>(),
                            gate.data(), nullptr, hidden, expand_out, hidden);
-      float* o = out_data + ((image * rows) + (r0 - offset)) * row_px * c_out;
-      const float* a = add ? add_data + ((image * rows) + (r0 - offset)) * row_px * c_out : nullptr;
+      float* o = out_data + ((image * rows) + (r0 - offset)) * width * c_out;
+      const float* a = add ? add_data + ((image * rows) + (r0 - offset)) * width * c_out : nullptr;
       const float* res = residual ? x_rows : nullptr;
       if (a || res) {
         gemm<Epilogue::kAdd>(m, hidden, c_out, expand_out, hidden, wot.data_ptr<float>(), bias_o.data_ptr<float>(),
