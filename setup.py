@@ -13,7 +13,7 @@ HERE = Path(__file__).parent
 
 
 def kernel_build() -> dict:
-    """The optional CPU inference kernels (ssiu_arch/csrc): built when torch and a C++ compiler are present.
+    """The optional CPU inference kernels (ssiu_arch/cpu/csrc): built when torch and a C++ compiler are present.
 
     Without them the network computes the same results with standard PyTorch operators, so a failed build
     only warns. SSIU_NO_KERNELS=1 skips it.
@@ -32,10 +32,10 @@ def kernel_build() -> dict:
             except Exception as err:  # any compiler failure leaves the standard-operator path
                 print(f'warning: SSIU CPU kernels not built ({err}); standard PyTorch operators will be used')
                 self.extensions = []
-                for stale in (HERE / 'ssiu_arch').glob('_kernels*.so'):  # an earlier in-place build
+                for stale in (HERE / 'ssiu_arch' / 'cpu').glob('_kernels*.so'):  # an earlier in-place build
                     stale.unlink()
 
-    kernels = CppExtension('ssiu_arch._kernels', ['ssiu_arch/csrc/kernels.cpp'],
+    kernels = CppExtension('ssiu_arch.cpu._kernels', ['ssiu_arch/cpu/csrc/kernels.cpp'],
                            extra_compile_args=['-O3', '-fopenmp'], extra_link_args=['-fopenmp'])
     return {'ext_modules': [kernels], 'cmdclass': {'build_ext': OptionalBuildExtension}}
 
@@ -47,7 +47,8 @@ setup(
     long_description_content_type='text/markdown',
     license='Apache-2.0',
     python_requires='>=3.9',
-    packages=['ssiu_arch', 'ssiu_arch.losses', 'ssiu_arch.datasets_lmdb'],
+    packages=['ssiu_arch', 'ssiu_arch.archs', 'ssiu_arch.cpu', 'ssiu_arch.models', 'ssiu_arch.tools', 'ssiu_arch.utils',
+              'ssiu_arch.losses', 'ssiu_arch.datasets_lmdb'],
     package_dir={
         'ssiu_arch': 'ssiu_arch',
         'ssiu_arch.losses': 'losses',
@@ -74,8 +75,8 @@ setup(
     },
     entry_points={
         'console_scripts': [
-            'basicsr = ssiu_arch.cli:basicsr_main',
-            'ssiu = ssiu_arch.cli:ssiu_main',
+            'basicsr = ssiu_arch.tools.cli:basicsr_main',
+            'ssiu = ssiu_arch.tools.cli:ssiu_main',
         ],
     },
     classifiers=[

@@ -23,8 +23,8 @@ import cv2
 import numpy as np
 import torch
 
-from ssiu_arch.inference import DEFAULT_TILE, DEFAULT_TILE_OVERLAP, tile_spans, upscale_image
-from ssiu_arch.ssiu_arch import SSIU
+from ssiu_arch.archs.ssiu_arch import SSIU
+from ssiu_arch.tools.infer import DEFAULT_TILE, DEFAULT_TILE_OVERLAP, tile_spans, upscale_image
 
 SET14 = Path(__file__).resolve().parents[1] / 'tests' / 'data' / 'benchmark' / 'Set14' / 'HR'
 

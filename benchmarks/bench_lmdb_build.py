@@ -25,7 +25,7 @@ import cv2
 import numpy as np
 from ssiu_arch.datasets_lmdb import HROnlyBicubicDataset, build_lmdb, imresize, scan_image_set
 
-import ssiu_arch  # noqa: F401  (registers the datasets)
+import ssiu_arch.models  # noqa: F401  (registers the datasets)
 
 BENCHMARK = Path(__file__).resolve().parents[1] / 'tests' / 'data' / 'benchmark'
 

@@ -1,7 +1,7 @@
 """CPU speed of SSIU: params, multiply-adds, latency, peak memory and efficiency, plus a training step.
 
 Inference cases are the ~1280x720-output inputs of the lightweight-SR literature (x2 640x360, x3 426x240,
-x4 320x180), each measured in a fresh process by :mod:`ssiu_arch.benchmark` (the code behind ``ssiu bench``),
+x4 320x180), each measured in a fresh process by :mod:`ssiu_arch.tools.bench` (the code behind ``ssiu bench``),
 with glibc malloc left at its defaults and tuned to retain freed memory. ``--maps compare`` times each case
 twice, with whole feature maps and with 8 MiB row bands (by default SSIU chooses: bands above 32 MiB maps, above
 128 MiB where freed memory is retained).
@@ -15,7 +15,7 @@ import argparse
 
 import torch
 
-from ssiu_arch.benchmark import DEFAULT_INPUTS, format_rows, load_average, machine_description, run_case
+from ssiu_arch.tools.bench import DEFAULT_INPUTS, format_rows, load_average, machine_description, run_case
 
 
 def main() -> None:

@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from ssiu_arch.fileio import write_bytes_atomic
+from ssiu_arch.utils.fileio import write_bytes_atomic
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp', '.ppm', '.pgm')
 _SCALE_SUFFIX = re.compile(r'^(.*)x(\d+)$')

@@ -1,11 +1,10 @@
-"""SSIU for BasicSR. ``import ssiu_arch`` registers the SSIU and IDSA-Net networks, the losses, model and datasets."""
-from ssiu_arch import compat
+"""SSIU for BasicSR: the SSIU and IDSA-Net networks, their CPU inference engine and tools.
 
-compat.apply()
-
-from ssiu_arch import datasets_lmdb, losses, ssiu_model  # noqa: E402,F401  (registration)
-from ssiu_arch.idsanet_arch import IDSANet  # noqa: E402
-from ssiu_arch.ssiu_arch import SSIU  # noqa: E402
+``import ssiu_arch`` is light: it needs only torch. The BasicSR layer (registration of the networks, losses,
+``SSIUModel`` and datasets, plus the compatibility fixes for ``basicsr==1.4.2``) is ``import ssiu_arch.models``,
+which ``basicsr train|test`` does for you.
+"""
+from ssiu_arch.archs import SSIU, IDSANet
 
 __all__ = ['IDSANet', 'SSIU']
 __version__ = '0.1.0'

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import ssiu_arch  # noqa: F401  (compatibility fixes and registration before any basicsr import)
+import ssiu_arch.models  # noqa: F401  (compatibility fixes and registration before any basicsr import)
 
 DATA = Path(__file__).parent / 'data'
 REFERENCES = sorted(DATA.glob('ssiu_official_*.pt'))

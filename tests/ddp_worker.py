@@ -8,11 +8,12 @@ import sys
 
 import torch
 
-from ssiu_arch.cli import basicsr_main
+import ssiu_arch.models  # noqa: F401  (compatibility fixes before basicsr.train)
+from ssiu_arch.tools.cli import basicsr_main
 
 
 def main() -> None:
-    import basicsr.train  # after ssiu_arch, whose import applies the compatibility fixes
+    import basicsr.train  # after ssiu_arch.models, whose import applies the compatibility fixes
 
     built = []
     build_model = basicsr.train.build_model

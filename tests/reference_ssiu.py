@@ -2,7 +2,7 @@
 
 Written for the tests from the published formulation (github.com/eezkni/SSIU, models/SSUFSR_network.py)
 in its own style: ``F.unfold`` windows, explicit einsum attention, the published expert selection and
-plain reflect padding. It shares no code with :mod:`ssiu_arch.ssiu_arch`, so it checks that module on
+plain reflect padding. It shares no code with :mod:`ssiu_arch.archs.ssiu_arch`, so it checks that module on
 seeds, sizes, widths and depths that the shared fixtures do not cover. Valid where the published
 network runs: ``num_block`` >= 3 and every input side larger than its padding.
 """

@@ -6,11 +6,11 @@ import json
 import pytest
 import torch
 
-from ssiu_arch.benchmark import BenchError, build_net, matmul_rate, measure_inference, run_case
-from ssiu_arch.cli import ssiu_main
-from ssiu_arch.evaluation import read_bench
-from ssiu_arch.profiling import count_macs, count_params, lr_size_for
-from ssiu_arch.ssiu_arch import SSIU
+from ssiu_arch.archs.ssiu_arch import SSIU
+from ssiu_arch.tools.bench import BenchError, build_net, matmul_rate, measure_inference, run_case
+from ssiu_arch.tools.cli import ssiu_main
+from ssiu_arch.tools.results import read_bench
+from ssiu_arch.utils.profiling import count_macs, count_params, lr_size_for
 
 TINY = {'num_feat': 16, 'num_block': 3}
 ROW_KEYS = {'model', 'scale', 'params', 'macs_g', 'input', 'latency_ms', 'peak_mem_mb', 'efficiency', 'threads',
@@ -45,7 +45,7 @@ def test_inference_row_in_process():
 
 @pytest.mark.parametrize('maps', ['whole', 'bands'])
 def test_inference_row_with_whole_maps_or_row_bands(monkeypatch, maps):
-    import ssiu_arch.benchmark as bench
+    import ssiu_arch.tools.bench as bench
 
     built = []
     monkeypatch.setattr(bench, 'build_net', lambda *a, **k: built.append(build_net(*a, **k)) or built[-1])

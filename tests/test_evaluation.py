@@ -18,8 +18,8 @@ from basicsr.metrics import calculate_ssim
 from basicsr.utils.options import ordered_yaml
 
 from ssiu_arch import SSIU
-from ssiu_arch.cli import ssiu_main
-from ssiu_arch.evaluation import (
+from ssiu_arch.tools.cli import ssiu_main
+from ssiu_arch.tools.results import (
     DATASETS,
     ResultsError,
     benchmark_pairs,
@@ -279,7 +279,7 @@ def test_basicsr_test_writes_results_that_ssiu_results_reads(tmp_path, capsys):
     torch.save({'params': SSIU(upscale=4, num_feat=8, num_block=1, num_heads=2).state_dict()}, weights)
     options = tmp_path / 'test.yml'
     options.write_text(yaml.dump(json.loads(json.dumps(opt)), sort_keys=False), encoding='utf-8')
-    subprocess.run([sys.executable, '-m', 'ssiu_arch.test', '-opt', str(options)], cwd=tmp_path, check=True,
+    subprocess.run([sys.executable, '-m', 'ssiu_arch.tools.test', '-opt', str(options)], cwd=tmp_path, check=True,
                    capture_output=True, timeout=600)
     results = tmp_path / 'results' / 'test_SSIU_x4'
     assert len(list((results / 'visualization' / 'Set5').glob('*.png'))) == 5

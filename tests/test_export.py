@@ -6,9 +6,9 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from ssiu_arch.cli import ssiu_main
-from ssiu_arch.export import ExportError, export_onnx
-from ssiu_arch.ssiu_arch import SSIU
+from ssiu_arch.archs.ssiu_arch import SSIU
+from ssiu_arch.tools.cli import ssiu_main
+from ssiu_arch.tools.export import ExportError, export_onnx
 
 
 def tiny(scale: int) -> SSIU:

@@ -12,8 +12,8 @@ from basicsr.archs import build_network
 from basicsr.utils.registry import ARCH_REGISTRY
 from torch.utils.flop_counter import FlopCounterMode
 
-from ssiu_arch.idsanet_arch import ASDB, AttentionMap, IDSANet, channel_shuffle, window_partition, window_reverse
-from ssiu_arch.profiling import count_params
+from ssiu_arch.archs.idsanet_arch import ASDB, AttentionMap, IDSANet, channel_shuffle, window_partition, window_reverse
+from ssiu_arch.utils.profiling import count_params
 
 OPTIONS = Path(__file__).parent.parent / 'options'
 TINY = {'num_feat': 16, 'num_block': 4, 'share_group': 2, 'num_stages': 2, 'num_heads': 2, 'window_size': 4}

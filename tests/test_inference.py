@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from ssiu_arch.cli import ssiu_main
-from ssiu_arch.inference import check_tiling, tile_spans, upscale_image
-from ssiu_arch.ssiu_arch import SSIU
+from ssiu_arch.archs.ssiu_arch import SSIU
+from ssiu_arch.tools.cli import ssiu_main
+from ssiu_arch.tools.infer import check_tiling, tile_spans, upscale_image
 
 SET14 = Path(__file__).parent / 'data' / 'benchmark' / 'Set14' / 'HR'
 

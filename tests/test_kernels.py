@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ssiu_arch import kernels
-from ssiu_arch.ssiu_arch import ESAM, MSGM, SSIU, MoEFeatureSelector
+from ssiu_arch.archs.ssiu_arch import ESAM, MSGM, SSIU, MoEFeatureSelector
+from ssiu_arch.cpu import kernels
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from ssiu_arch.datasets_lmdb.files import DataPrepError
 from ssiu_arch.datasets_lmdb.lmdb_tools import build_lmdb, building_path, read_meta_info
 from ssiu_arch.datasets_lmdb.prepare import crop_positions, extract_subimages
 
-from ssiu_arch.cli import ssiu_main
+from ssiu_arch.tools.cli import ssiu_main
 
 
 def _run(*argv) -> int:

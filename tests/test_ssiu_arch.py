@@ -10,7 +10,7 @@ from basicsr.utils.registry import ARCH_REGISTRY
 from conftest import REFERENCES, load_reference
 from reference_ssiu import reference_forward
 
-from ssiu_arch.ssiu_arch import SSIU, expert_steps_for, pad_to_multiple
+from ssiu_arch.archs.ssiu_arch import SSIU, expert_steps_for, pad_to_multiple
 
 
 def tiny(upscale=2, num_block=3, num_feat=16, **kw) -> SSIU:
@@ -34,7 +34,7 @@ def test_parameter_count_matches_paper(scale, expected):
 
 @pytest.mark.parametrize('scale, expected_g', [(2, 167.2), (3, 76.6), (4, 48.9)])
 def test_multiply_adds_at_720p_output(scale, expected_g):
-    from ssiu_arch.profiling import count_macs, lr_size_for
+    from ssiu_arch.utils.profiling import count_macs, lr_size_for
 
     h, w = lr_size_for((720, 1280), scale)
     macs = count_macs(SSIU(upscale=scale), (h, w)) / 1e9
@@ -44,8 +44,8 @@ def test_multiply_adds_at_720p_output(scale, expected_g):
 @pytest.mark.parametrize('compiled', [True, False], ids=['kernels', 'standard-ops'])
 @pytest.mark.parametrize('path', REFERENCES, ids=lambda p: p.stem)
 def test_published_reference_outputs(path, compiled, tmp_path, monkeypatch):
-    from ssiu_arch import kernels
-    from ssiu_arch.convert import load_ssiu
+    from ssiu_arch.cpu import kernels
+    from ssiu_arch.utils.weights import load_ssiu
 
     assert kernels.available() or not compiled, 'compiled kernels missing: install with a C++ compiler'
     monkeypatch.setattr(kernels, '_LOADED', compiled)
@@ -63,7 +63,7 @@ def test_published_reference_outputs(path, compiled, tmp_path, monkeypatch):
 
 def convert_and_check(path, tmp_path) -> dict:
     """Write the published checkpoint of a fixture to disk, convert it, check the BasicSR layout."""
-    from ssiu_arch.convert import convert
+    from ssiu_arch.tools.convert import convert
 
     src = tmp_path / 'official.pt'
     torch.save(load_reference(path)['official_checkpoint'], src)
@@ -190,7 +190,7 @@ def test_bad_hyper_parameters_are_rejected():
 
 
 def test_convert_cli_prints_config_and_writes_basicsr_checkpoint(tmp_path, capsys):
-    from ssiu_arch.cli import ssiu_main
+    from ssiu_arch.tools.cli import ssiu_main
 
     src = tmp_path / 'official.pt'
     torch.save(load_reference(REFERENCES[0])['official_checkpoint'], src)
@@ -208,7 +208,8 @@ def test_convert_cli_prints_config_and_writes_basicsr_checkpoint(tmp_path, capsy
     (lambda p: torch.save({'model_state_dict': {'module.conv.weight': torch.zeros(1)}}, p), 'not an SSIU state dict'),
 ])
 def test_convert_rejects_bad_files_by_name(tmp_path, content, message):
-    from ssiu_arch.convert import CheckpointError, convert
+    from ssiu_arch.tools.convert import convert
+    from ssiu_arch.utils.weights import CheckpointError
 
     bad = tmp_path / 'bad.pt'
     content(bad)
@@ -219,7 +220,8 @@ def test_convert_rejects_bad_files_by_name(tmp_path, content, message):
 
 
 def test_convert_rejects_truncated_checkpoint(tmp_path):
-    from ssiu_arch.convert import CheckpointError, convert
+    from ssiu_arch.tools.convert import convert
+    from ssiu_arch.utils.weights import CheckpointError
 
     whole = tmp_path / 'whole.pt'
     torch.save(load_reference(REFERENCES[0])['official_checkpoint'], whole)
@@ -233,7 +235,8 @@ def test_convert_rejects_truncated_checkpoint(tmp_path):
 
 
 def test_convert_rejects_a_state_dict_that_does_not_fit(tmp_path):
-    from ssiu_arch.convert import CheckpointError, convert
+    from ssiu_arch.tools.convert import convert
+    from ssiu_arch.utils.weights import CheckpointError
 
     state = SSIU(upscale=2, num_feat=16, num_block=3).state_dict()
     del state['body.0.s3.rel_w']
@@ -265,7 +268,7 @@ def test_row_bands_give_the_whole_map_result(scale, band_rows, batch, size):
 
 @pytest.mark.parametrize('retained', [True, False])
 def test_row_bands_where_allocations_would_fault(monkeypatch, retained):
-    import ssiu_arch.ssiu_arch as arch
+    import ssiu_arch.archs.ssiu_arch as arch
 
     monkeypatch.setattr(arch, 'freed_memory_retained', lambda: retained)
     net = SSIU(upscale=2).eval()
@@ -282,7 +285,7 @@ def test_row_bands_where_allocations_would_fault(monkeypatch, retained):
 
 
 def test_freed_memory_retained_reads_the_malloc_environment(monkeypatch):
-    from ssiu_arch import memory
+    from ssiu_arch.cpu import memory
 
     monkeypatch.setattr(memory, '_RETAINED', False)
     for key in ('MALLOC_MMAP_THRESHOLD_', 'MALLOC_TRIM_THRESHOLD_', 'LD_PRELOAD'):
@@ -296,7 +299,7 @@ def test_freed_memory_retained_reads_the_malloc_environment(monkeypatch):
 
 
 def test_row_bands_reproduce_the_published_reference(tmp_path):
-    from ssiu_arch.convert import load_ssiu
+    from ssiu_arch.utils.weights import load_ssiu
 
     ref = load_reference(REFERENCES[-1])
     convert_and_check(REFERENCES[-1], tmp_path)
@@ -309,7 +312,7 @@ def test_row_bands_reproduce_the_published_reference(tmp_path):
 
 
 def test_band_of_upsampled_attention_rows_matches_whole_map():
-    from ssiu_arch.ssiu_arch import ESAM
+    from ssiu_arch.archs.ssiu_arch import ESAM
 
     esam = ESAM(16).eval()
     for h in (8, 13, 48):
@@ -329,7 +332,7 @@ def test_band_of_upsampled_attention_rows_matches_whole_map():
 @pytest.mark.parametrize('scale', [2, 3, 4])
 def test_tail_tap_sums_match_the_standard_modules(monkeypatch, scale):
     """Banded tap sums (inference) and whole-map tap sums (autograd) equal ``tail``'s own modules on NCHW maps."""
-    import ssiu_arch.ssiu_arch as arch
+    import ssiu_arch.archs.ssiu_arch as arch
 
     net = tiny(upscale=scale, num_feat=64)
     for (batch, h, w), rows in [((2, 9, 13), (1, 2, 3, 4, 9)), ((1, 7, 5), (2, 3, 6)), ((1, 2, 3), (1, 2))]:

@@ -19,8 +19,8 @@ from basicsr.utils.registry import MODEL_REGISTRY
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from ssiu_arch.ssiu_arch import SSIU
-from ssiu_arch.ssiu_model import SSIUModel
+from ssiu_arch.archs.ssiu_arch import SSIU
+from ssiu_arch.models.ssiu_model import SSIUModel
 
 BENCHMARK = Path(__file__).parent / 'data' / 'benchmark'
 
@@ -175,7 +175,7 @@ def test_save_network_atomic_and_loadable(tmp_path, monkeypatch):
         raise OSError('disk full')
 
     monkeypatch.setattr(torch, 'save', broken_save)
-    monkeypatch.setattr('ssiu_arch.ssiu_model.time.sleep', lambda s: None)
+    monkeypatch.setattr('ssiu_arch.models.ssiu_model.time.sleep', lambda s: None)
     model.save(epoch=0, current_iter=7)
     assert {p: p.read_bytes() for p in before} == before
     assert sorted(p.name for p in models.iterdir()) == ['net_g_7.pth']

@@ -14,8 +14,8 @@ import pytest
 import torch
 import yaml
 
-from ssiu_arch.cli import basicsr_main
-from ssiu_arch.options_check import OptionsError, check_options
+from ssiu_arch.models.options_check import OptionsError, check_options
+from ssiu_arch.tools.cli import basicsr_main
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / 'tests' / 'data' / 'benchmark'
@@ -59,7 +59,7 @@ def child_env(**extra) -> dict:
 
 
 def train_command(options: Path, *flags: str) -> list[str]:
-    return [sys.executable, '-m', 'ssiu_arch.train', '-opt', str(options), *flags]
+    return [sys.executable, '-m', 'ssiu_arch.tools.train', '-opt', str(options), *flags]
 
 
 def states(exp: Path) -> list[int]:

@@ -34,9 +34,9 @@ from basicsr.utils.registry import MODEL_REGISTRY
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from ssiu_arch.archs.ssiu_arch import SSIU, pad_to_multiple
 from ssiu_arch.datasets_lmdb.imresize import imresize
-from ssiu_arch.fileio import save_atomic, write_text_atomic
-from ssiu_arch.ssiu_arch import SSIU, pad_to_multiple
+from ssiu_arch.utils.fileio import save_atomic, write_text_atomic
 
 __all__ = ['SSIUModel']
 

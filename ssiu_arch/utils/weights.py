@@ -1,4 +1,4 @@
-"""Load SSIU checkpoints of either layout and convert published ones to BasicSR's.
+"""Read SSIU checkpoints of every layout this project meets, and build the network they hold.
 
 Published checkpoints (github.com/eezkni/SSIU) are ``{'epoch': ..., 'model_state_dict': {...}}`` with
 the ``module.`` prefix of ``nn.DataParallel``; BasicSR saves ``{'params': {...}}`` (plus
@@ -6,15 +6,12 @@ the ``module.`` prefix of ``nn.DataParallel``; BasicSR saves ``{'params': {...}}
 """
 from __future__ import annotations
 
-import argparse
 import os
 import re
-from pathlib import Path
 
 import torch
 
-from ssiu_arch.fileio import save_atomic
-from ssiu_arch.ssiu_arch import SSIU
+from ssiu_arch.archs.ssiu_arch import SSIU
 
 _BLOCK_KEY = re.compile(r'^body\.(\d+)\.')
 
@@ -77,34 +74,3 @@ def load_ssiu(path: str | os.PathLike, **overrides) -> SSIU:
     except RuntimeError as err:
         raise CheckpointError(f'{path}: does not fit SSIU{infer_config(state)}: {err}') from None
     return net
-
-
-def convert(src: str | os.PathLike, dst: str | os.PathLike) -> dict[str, int]:
-    """Convert a checkpoint at ``src`` to BasicSR's ``{'params': ...}`` at ``dst``; returns its config."""
-    net = load_ssiu(src)
-    config = infer_config(net.state_dict())
-    save_atomic({'params': net.state_dict()}, dst)
-    return config
-
-
-def _run(args: argparse.Namespace) -> int:
-    if Path(args.output).exists() and not args.overwrite:
-        raise SystemExit(f'ssiu convert: {args.output} exists (use --overwrite)')
-    try:
-        config = convert(args.checkpoint, args.output)
-    except CheckpointError as err:
-        raise SystemExit(f'ssiu convert: {err}') from None
-    print(' '.join(f'{k}={v}' for k, v in config.items()))
-    print(f'wrote {args.output}')
-    return 0
-
-
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        'convert', help='convert a published SSIU checkpoint to a BasicSR one',
-        description='Read a published SSIU checkpoint (model_state_dict, module. prefix) or a BasicSR one, '
-                    'print scale/num_feat/num_block and write {"params": state_dict} for BasicSR.')
-    parser.add_argument('checkpoint', help='published (.pt) or BasicSR (.pth) checkpoint')
-    parser.add_argument('output', help='BasicSR checkpoint to write')
-    parser.add_argument('--overwrite', action='store_true', help='replace an existing output file')
-    parser.set_defaults(func=_run)

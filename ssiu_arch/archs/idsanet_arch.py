@@ -22,7 +22,7 @@ Choices the description leaves open, made here:
 
 * self-attention over non-overlapping ``window_size``² windows (no shift: the local convolutions and the
   23-pixel receptive field of LKCIP connect neighbouring windows) with a learned relative position bias;
-  the input is padded to a multiple of ``window_size`` (:func:`ssiu_arch.ssiu_arch.pad_to_multiple`) and
+  the input is padded to a multiple of ``window_size`` (:func:`ssiu_arch.archs.ssiu_arch.pad_to_multiple`) and
   the output cropped back, so any size works;
 * the sequence-modelling unit is a recurrence-free, Mamba-like gated unit: a depthwise 1-D convolution
   along the raster-flattened token sequence of each window, gated by a SiLU branch;
@@ -42,10 +42,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from basicsr.utils.registry import ARCH_REGISTRY
 from torch import nn
 
-from ssiu_arch.ssiu_arch import pad_to_multiple
+from ssiu_arch.archs.ssiu_arch import pad_to_multiple
 
 __all__ = ['ASDB', 'INHA', 'LKCIP', 'AttentionMap', 'IDSANet', 'RefineUnit', 'SequenceModellingUnit',
            'channel_shuffle', 'window_partition', 'window_reverse']
@@ -260,7 +259,6 @@ class ASDB(nn.Module):
         return self.attention(out) + x, attn
 
 
-@ARCH_REGISTRY.register()
 class IDSANet(nn.Module):
     """IDSA-Net. Input (B, num_in_ch, H, W) in [0, 1], any H, W >= 1; output (B, num_out_ch, sH, sW).
 

@@ -30,10 +30,10 @@ from basicsr.metrics import calculate_psnr, calculate_ssim
 from basicsr.utils import imfrombytes
 
 from ssiu_arch.datasets_lmdb.imresize import imresize
-from ssiu_arch.fileio import replace_atomic, write_text_atomic
+from ssiu_arch.utils.fileio import replace_atomic, write_text_atomic
 
 DATASETS = ('Set5', 'Set14', 'B100', 'Urban100', 'Manga109')
-PUBLISHED_CSV = Path(__file__).with_name('data') / 'published_results.csv'
+PUBLISHED_CSV = Path(__file__).parents[1] / 'data' / 'published_results.csv'
 IMAGE_SUFFIXES = ('.png', '.bmp', '.jpg', '.jpeg', '.tif', '.tiff')
 RESULT_KEYS = ('name', 'model', 'scale', 'dataset', 'crop_border', 'test_y_channel', 'iter', 'metrics', 'images',
                'mean')

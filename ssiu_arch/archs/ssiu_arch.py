@@ -11,11 +11,11 @@ estimates of three steps before a pixel-shuffle reconstruction.
 
 Parameter names follow the published checkpoints (``head``, ``body.N.{norm,s1,s2,s3,s4,ffn}``,
 ``moe``, ``tail``), so a published state dict loads with ``strict=True`` once its ``module.`` prefix
-is removed (see :mod:`ssiu_arch.convert`).
+is removed (see :mod:`ssiu_arch.tools.convert`).
 
 Speed: the network is mostly 1x1 convolutions of 64 channels, whose cost on CPU is memory traffic. Inside
 :class:`SSIU` every feature map is therefore channels-last ``(B, H, W, C)``. At CPU inference the MSGMs, ESAM's
-attention and upsampling and the MoE-FS gating run in compiled kernels (:mod:`ssiu_arch.kernels`), the MSGMs in
+attention and upsampling and the MoE-FS gating run in compiled kernels (:mod:`ssiu_arch.cpu.kernels`), the MSGMs in
 L2-sized row tiles; the remaining 1x1 convolutions go through oneDNN with fused epilogues, and per-channel
 biases are moved across linear maps. On large maps the unfolding steps run in bands of rows with the halo rows
 of their depthwise convolutions, which keeps allocations small; the tail always runs in bands, so no full-size
@@ -27,11 +27,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from basicsr.utils.registry import ARCH_REGISTRY
 from torch import nn
 
-from ssiu_arch import kernels
-from ssiu_arch.memory import freed_memory_retained
+from ssiu_arch.cpu import kernels
+from ssiu_arch.cpu.memory import freed_memory_retained
 
 __all__ = ['SSIU', 'conv2d_reflect', 'expert_steps_for', 'pad_to_multiple']
 
@@ -43,7 +42,7 @@ except (AttributeError, RuntimeError):
 _POINTWISE = ([0, 0], [1, 1], [1, 1], 1)  # padding, stride, dilation, groups of a 1x1 convolution
 # Feature maps above glibc malloc's largest mmap threshold (32 MiB) get fresh, zero-filled pages on every
 # allocation. CPU inference therefore runs the unfolding steps in 8 MiB row bands on maps above 32 MiB, or above
-# four times that where freed memory stays with the process (``ssiu_arch.memory``): below, whole maps measured
+# four times that where freed memory stays with the process (``ssiu_arch.cpu.memory``): below, whole maps measured
 # faster (``SSIU.whole_map_bytes``, ``SSIU.band_bytes``; a band size of 0 processes whole maps).
 WHOLE_MAP_BYTES = 32 << 20
 BAND_BYTES = 8 << 20
@@ -597,7 +596,6 @@ class MoEFeatureSelector(nn.Module):
         return fused, gates if with_gates else None
 
 
-@ARCH_REGISTRY.register()
 class SSIU(nn.Module):
     """SSIU network. Input (B, num_in_ch, H, W) in [0, 1], any H, W >= 1; output (B, num_out_ch, sH, sW).
 

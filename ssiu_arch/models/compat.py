@@ -14,7 +14,7 @@ releases run untouched:
 * ``basicsr.utils.dist_util.init_dist`` hard-codes NCCL and CUDA devices: without CUDA we use gloo.
 
 The model-level gaps (optimizers other than Adam, DDP ``device_ids`` on CPU, atomic checkpoints) are
-handled in :class:`ssiu_arch.ssiu_model.SSIUModel`, where BasicSR expects subclasses to do so.
+handled in :class:`ssiu_arch.models.ssiu_model.SSIUModel`, where BasicSR expects subclasses to do so.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Compiled CPU inference kernels (``ssiu_arch/csrc/kernels.cpp``), registered as ``torch.ops.ssiu.*``.
+"""Compiled CPU inference kernels (``ssiu_arch/cpu/csrc/kernels.cpp``), registered as ``torch.ops.ssiu.*``.
 
 ``pip install`` builds them into ``ssiu_arch/_kernels*.so`` when a C++ compiler is available (see ``setup.py``;
 ``SSIU_NO_KERNELS=1`` skips the build and their use). Without them the network runs the same computation with

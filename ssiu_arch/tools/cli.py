@@ -8,12 +8,12 @@ import sys
 
 # Modules that each contribute one ``ssiu`` subcommand through ``add_parser(subparsers)``.
 SUBCOMMAND_MODULES = (
-    'ssiu_arch.convert',
+    'ssiu_arch.tools.convert',
     'ssiu_arch.datasets_lmdb.cli',
-    'ssiu_arch.evaluation',
-    'ssiu_arch.inference',
-    'ssiu_arch.benchmark',
-    'ssiu_arch.export',
+    'ssiu_arch.tools.results',
+    'ssiu_arch.tools.infer',
+    'ssiu_arch.tools.bench',
+    'ssiu_arch.tools.export',
 )
 
 _BASICSR_USAGE = """usage: basicsr {train,test} -opt OPTIONS.yml [--launcher {none,pytorch,slurm}] [--auto_resume]
@@ -33,8 +33,8 @@ def basicsr_main(argv: list[str] | None = None) -> int:
         print(_BASICSR_USAGE, file=sys.stdout if argv and argv[0] in ('-h', '--help') else sys.stderr)
         return 0 if argv and argv[0] in ('-h', '--help') else 2
     command, rest = argv[0], argv[1:]
-    import ssiu_arch  # noqa: F401  (registers the plugin and applies compatibility fixes)
-    from ssiu_arch.options_check import check_options_file
+    import ssiu_arch.models  # noqa: F401  (registers the plugin and applies compatibility fixes)
+    from ssiu_arch.models.options_check import check_options_file
 
     if '-h' not in rest and '--help' not in rest:
         check_options_file(rest, is_train=command == 'train')

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ssiu_arch.fileio import write_bytes_atomic
+from ssiu_arch.utils.fileio import write_bytes_atomic
 
 __all__ = ['ImageError', 'check_tiling', 'collect_inputs', 'infer_paths', 'read_image', 'tile_spans', 'upscale_image',
            'write_png']
@@ -240,8 +240,8 @@ def infer_paths(
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ssiu_arch.convert import CheckpointError, infer_config, load_ssiu
-    from ssiu_arch.memory import retain_freed_memory
+    from ssiu_arch.cpu.memory import retain_freed_memory
+    from ssiu_arch.utils.weights import CheckpointError, infer_config, load_ssiu
 
     device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
     if device == 'cuda' and not torch.cuda.is_available():

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ssiu_arch.convert import CheckpointError, load_ssiu
-from ssiu_arch.fileio import replace_atomic
+from ssiu_arch.utils.fileio import replace_atomic
+from ssiu_arch.utils.weights import CheckpointError, load_ssiu
 
 # (height, width) inputs on which the written model is compared with PyTorch: odd, unequal, not multiples of 16.
 VERIFY_SIZES = ((17, 23), (31, 40))

@@ -8,7 +8,7 @@ divides the network's multiply-adds per second by those of a dense float32 2048x
 same process just before each pass, so that it compares the network with what the machine reaches at
 the moment of the measurement (on a shared machine both slow down together).
 
-By default each case first calls :func:`ssiu_arch.memory.retain_freed_memory`: eager PyTorch allocates
+By default each case first calls :func:`ssiu_arch.cpu.memory.retain_freed_memory`: eager PyTorch allocates
 every intermediate map afresh, and with glibc's default settings a forward pass page-faults most of its
 working set again on every pass. ``--default-malloc`` measures without it.
 """
@@ -29,12 +29,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import yaml
-from basicsr.utils.registry import ARCH_REGISTRY
 from torch import nn
 
-from ssiu_arch.fileio import write_text_atomic
-from ssiu_arch.memory import retain_freed_memory
-from ssiu_arch.profiling import count_macs, count_params, lr_size_for
+from ssiu_arch import archs
+from ssiu_arch.cpu.memory import retain_freed_memory
+from ssiu_arch.utils.fileio import write_text_atomic
+from ssiu_arch.utils.profiling import count_macs, count_params, lr_size_for
 
 # LR input (height, width) per scale: ~1280x720 outputs, the sizes lightweight-SR papers time.
 DEFAULT_INPUTS = {2: (360, 640), 3: (240, 426), 4: (180, 320)}
@@ -46,11 +46,18 @@ class BenchError(RuntimeError):
 
 
 def build_net(arch: str, scale: int, **net_opt) -> nn.Module:
-    """A registered architecture (``ARCH_REGISTRY``) at ``scale``, random weights, eval mode."""
-    try:
-        cls = ARCH_REGISTRY.get(arch)
-    except KeyError:
-        raise BenchError(f'--arch {arch}: not a registered architecture') from None
+    """An architecture of this package, or one registered in BasicSR's ``ARCH_REGISTRY``, at ``scale``, random
+    weights, eval mode."""
+    cls = getattr(archs, arch, None) if arch in archs.__all__ else None
+    if cls is None:
+        try:
+            from basicsr.utils.registry import ARCH_REGISTRY
+
+            import ssiu_arch.models  # noqa: F401  (BasicSR's registry with this plugin's compatibility fixes)
+
+            cls = ARCH_REGISTRY.get(arch)
+        except (ImportError, KeyError):
+            raise BenchError(f'--arch {arch}: not a registered architecture') from None
     params = inspect.signature(cls).parameters
     scale_key = next((k for k in ('upscale', 'scale', 'upscale_factor') if k in params), None)
     if scale_key is None and scale != 1:
@@ -166,7 +173,7 @@ def measure_training_step(arch: str = 'SSIU', scale: int = 2, batch: int = 8, si
 def run_case(kind: str, **kwargs) -> dict:
     """:func:`measure_inference` (``kind='inference'``) or :func:`measure_training_step` in a fresh process."""
     spec = json.dumps({'kind': kind, **kwargs})
-    cmd = [sys.executable, '-c', 'from ssiu_arch.benchmark import _child_main; _child_main()', spec]
+    cmd = [sys.executable, '-c', 'from ssiu_arch.tools.bench import _child_main; _child_main()', spec]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:
         tail = proc.stderr.strip().splitlines()[-1:] or ['no error message']

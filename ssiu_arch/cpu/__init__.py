@@ -1,0 +1,1 @@
+"""The CPU inference engine: compiled kernels (``csrc/``), row bands and malloc awareness."""
