@@ -1,6 +1,7 @@
 """``python -m ssiu_arch.tools.train -opt OPTIONS.yml [...]``: ``basicsr train`` as a module, for torchrun/srun.
 
-    torchrun --nproc_per_node=4 --master_port=4321 -m ssiu_arch.tools.train -opt options/train_SSIU_x2.yml --launcher pytorch
+    torchrun --nproc_per_node=4 --master_port=4321 -m ssiu_arch.tools.train \\
+        -opt options/train_SSIU_x2.yml --launcher pytorch
 """
 import sys
 
