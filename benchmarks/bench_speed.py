@@ -3,8 +3,8 @@
 Inference cases are the ~1280x720-output inputs of the lightweight-SR literature (x2 640x360, x3 426x240,
 x4 320x180), each measured in a fresh process by :mod:`ssiu_arch.tools.bench` (the code behind ``ssiu bench``),
 with glibc malloc left at its defaults and tuned to retain freed memory. ``--maps compare`` times each case
-twice, with whole feature maps and with 8 MiB row bands (by default SSIU chooses: bands above 32 MiB maps, above
-128 MiB where freed memory is retained).
+twice, with whole feature maps and with 8 MiB row bands (by default SSIU's CPU inference engine chooses: bands above
+32 MiB maps, above 128 MiB where freed memory is retained; ``ssiu_arch.cpu.engine.ENGINE``).
 The training step is one forward + backward of an x2 batch of 8 LR patches of 64x64.
 
     python benchmarks/bench_speed.py [--threads 2] [--runs 5] [--malloc both|retain|default] [--maps auto|compare]
@@ -24,7 +24,7 @@ def main() -> None:
     parser.add_argument('--runs', type=int, default=5, help='timed passes per case after the first')
     parser.add_argument('--malloc', choices=('both', 'retain', 'default'), default='both')
     parser.add_argument('--maps', choices=('auto', 'compare'), default='auto',
-                        help="SSIU's own choice of whole maps or row bands, or both timed (compare)")
+                        help="the SSIU engine's own choice of whole maps or row bands, or both timed (compare)")
     args = parser.parse_args()
     modes = {'both': (True, False), 'retain': (True,), 'default': (False,)}[args.malloc]
     maps = ('whole', 'bands') if args.maps == 'compare' else ('auto',)

@@ -45,18 +45,19 @@ def test_inference_row_in_process():
 
 @pytest.mark.parametrize('maps', ['whole', 'bands'])
 def test_inference_row_with_whole_maps_or_row_bands(monkeypatch, maps):
-    import ssiu_arch.tools.bench as bench
+    from ssiu_arch.cpu.engine import ENGINE
 
-    built = []
-    monkeypatch.setattr(bench, 'build_net', lambda *a, **k: built.append(build_net(*a, **k)) or built[-1])
+    settings = ENGINE.band_bytes, ENGINE.whole_map_bytes
+    band_rows, seen = ENGINE.band_rows, []
+    monkeypatch.setattr(ENGINE, 'band_rows', lambda net, x: seen.append(band_rows(net, x)) or seen[-1])
     threads = torch.get_num_threads()
     try:
         row = measure_inference('SSIU', 2, (20, 24), threads=1, runs=1, net_opt=TINY, retain_memory=False, maps=maps)
     finally:
         torch.set_num_threads(threads)
     assert row['maps'] == maps and row['latency_ms'] > 0
-    with torch.inference_mode():
-        assert (built[0].band_rows(torch.rand(1, 3, 32, 32)) is None) == (maps == 'whole')
+    assert seen and all((rows is None) == (maps == 'whole') for rows in seen)
+    assert (ENGINE.band_bytes, ENGINE.whole_map_bytes) == settings  # restored
     with pytest.raises(BenchError, match='IDSANet has no row bands'):
         measure_inference('IDSANet', 2, (8, 8), threads=1, runs=1, retain_memory=False, maps='bands')
 

@@ -1,9 +1,9 @@
 """Compiled CPU inference kernels (``ssiu_arch/cpu/csrc/kernels.cpp``), registered as ``torch.ops.ssiu.*``.
 
 ``pip install`` builds them into ``ssiu_arch/_kernels*.so`` when a C++ compiler is available (see ``setup.py``;
-``SSIU_NO_KERNELS=1`` skips the build and their use). Without them the network runs the same computation with
-standard PyTorch operators, and so do training, tracing and ONNX export, since the kernels have no autograd
-formula and no ONNX mapping.
+``SSIU_NO_KERNELS=1`` skips the build and their use). They are used by the CPU inference engine
+(:mod:`ssiu_arch.cpu.engine`) only; without them the network runs its own modules, as it does for training,
+tracing and ONNX export, since the kernels have no autograd formula and no ONNX mapping.
 """
 from __future__ import annotations
 
@@ -30,14 +30,6 @@ def available() -> bool:
             _LOADED = True
             break
     return _LOADED
-
-
-def applies(*tensors: torch.Tensor | None) -> bool:
-    """Whether a kernel may compute on these tensors: loaded, float32 CPU inference outside tracing/compiling."""
-    x = tensors[0]
-    return (x.device.type == 'cpu' and x.dtype == torch.float32
-            and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
-            and not torch.jit.is_tracing() and not torch.compiler.is_compiling() and available())
 
 
 def depthwise_reflect(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, offset: int,

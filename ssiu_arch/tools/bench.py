@@ -15,6 +15,7 @@ working set again on every pass. ``--default-malloc`` measures without it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import json
 import os
@@ -32,6 +33,7 @@ import yaml
 from torch import nn
 
 from ssiu_arch import archs
+from ssiu_arch.cpu.engine import ENGINE
 from ssiu_arch.cpu.memory import retain_freed_memory
 from ssiu_arch.utils.fileio import write_text_atomic
 from ssiu_arch.utils.profiling import count_macs, count_params, lr_size_for
@@ -110,19 +112,35 @@ def measure_inference(arch: str, scale: int, input_hw: tuple[int, int], threads:
                       net_opt: dict | None = None, retain_memory: bool = True, maps: str = 'auto') -> dict:
     """One bench row, measured in this process (see the module docstring; :func:`run_case` isolates it).
 
-    ``maps`` is SSIU's choice of whole feature maps or row bands: its own rule (``auto``), ``whole`` or
-    ``bands`` (8 MiB bands on maps of any size).
+    ``maps`` is the SSIU inference engine's choice of whole feature maps or row bands: its own rule (``auto``),
+    ``whole`` or ``bands`` (8 MiB bands on maps of any size).
     """
     malloc = 'retain' if retain_memory and retain_freed_memory() else 'default'
     torch.set_num_threads(threads)
     net = build_net(arch, scale, **(net_opt or {}))
-    if maps != 'auto':
-        if not hasattr(net, 'band_bytes'):
-            raise BenchError(f'{arch} has no row bands (maps={maps!r})')
-        if maps == 'bands':
-            net.whole_map_bytes = 0
-        else:
-            net.band_bytes = 0
+    if maps != 'auto' and not isinstance(net, archs.SSIU):
+        raise BenchError(f'{arch} has no row bands (maps={maps!r})')
+    with _engine_maps(maps):
+        return _measure(net, arch, scale, input_hw, threads, runs, malloc, maps)
+
+
+@contextlib.contextmanager
+def _engine_maps(maps: str):
+    """Within the block, the SSIU engine processes whole maps (``whole``), row bands (``bands``) or chooses."""
+    saved = ENGINE.band_bytes, ENGINE.whole_map_bytes
+    if maps == 'bands':
+        ENGINE.whole_map_bytes = 0
+    elif maps == 'whole':
+        ENGINE.band_bytes = 0
+    try:
+        yield
+    finally:
+        ENGINE.band_bytes, ENGINE.whole_map_bytes = saved
+
+
+def _measure(net: nn.Module, arch: str, scale: int, input_hw: tuple[int, int], threads: int, runs: int, malloc: str,
+             maps: str) -> dict:
+    """The bench row of ``net`` (see :func:`measure_inference`)."""
     in_ch = next((m.in_channels for m in net.modules() if isinstance(m, nn.Conv2d)), 3)
     h, w = input_hw
     try:

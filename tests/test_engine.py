@@ -1,0 +1,374 @@
+"""CPU inference engine: the reference network's function, and the one decision of when it runs."""
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import REFERENCES, load_reference
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from ssiu_arch.archs.ssiu_arch import ESAM, MSGM, SSIU, SSRMStep
+from ssiu_arch.cpu import engine, kernels
+from ssiu_arch.cpu.engine import ENGINE
+
+
+def tiny(upscale=2, num_block=4, num_feat=32, std=0.2, **kw) -> SSIU:
+    """A small network with weights large enough that every branch matters (``std`` None: default init)."""
+    net = SSIU(upscale=upscale, num_feat=num_feat, num_block=num_block, **kw).eval()
+    for p in net.parameters() if std else ():
+        p.data.normal_(0, std)
+    return net
+
+
+def reference(net: SSIU, x: torch.Tensor, return_aux: bool = False):
+    """The reference forward (the network's own modules) of ``net``."""
+    net.use_engine = False
+    try:
+        with torch.no_grad():
+            return net(x, return_aux=return_aux)
+    finally:
+        net.use_engine = True
+
+
+def assert_same(got, expected, tol=1e-5):
+    (out, aux), (ref, ref_aux) = got, expected
+    assert (out - ref).abs().max() <= tol
+    assert aux['gates'].shape == ref_aux['gates'].shape
+    assert (aux['gates'] - ref_aux['gates']).abs().max() <= 1e-6
+    assert len(aux['step_outputs']) == len(ref_aux['step_outputs']) == 3
+    for a, b in zip(aux['step_outputs'], ref_aux['step_outputs']):
+        assert (a - b).abs().max() <= tol
+
+
+def test_engine_is_installed_and_the_network_file_is_the_checked_one():
+    assert SSIU.engine is ENGINE
+    assert kernels.available(), 'compiled kernels missing: install with a C++ compiler (pip install -e .)'
+    assert engine.network_digest() == engine.NETWORK_DIGEST, (
+        'ssiu_arch/archs/ssiu_arch.py changed: check that the engine still computes the network (tests/test_engine.py)'
+        ', then set engine.NETWORK_DIGEST to engine.network_digest()')
+
+
+@pytest.mark.parametrize('maps', ['whole', 'bands'])
+@pytest.mark.parametrize('scale, size', [(2, (17, 23)), (3, (9, 30)), (4, (33, 19))])
+def test_engine_matches_the_reference(scale, size, maps, monkeypatch):
+    net = tiny(scale)
+    x = torch.rand(2, 3, *size)
+    if maps == 'bands':  # 3 rows per band: several bands, a short last one
+        monkeypatch.setattr(ENGINE, 'whole_map_bytes', 0)
+        monkeypatch.setattr(ENGINE, 'band_bytes', 3 * 48 * 32 * 4)
+    padded = torch.empty(1, 3, -(-size[0] // 16) * 16, 48)
+    assert ENGINE.band_rows(net, padded) == (3 if maps == 'bands' else None)
+    with torch.no_grad():
+        assert ENGINE.accepts(net, x)
+        got = net(x, return_aux=True)
+        assert torch.equal(net(x), got[0])
+    assert_same(got, reference(net, x, return_aux=True))
+
+
+@pytest.mark.parametrize('kw', [dict(kernel_size=5, num_feat=16), dict(expansion=2.0, num_heads=2),
+                                dict(attn_downsample=1, block_size=8), dict(halo=2, block_size=4, pad_multiple=8),
+                                dict(num_block=2)])
+def test_engine_matches_the_reference_on_other_hyper_parameters(kw, monkeypatch):
+    net = tiny(**{'upscale': 3, 'std': None, **kw})
+    x = torch.rand(1, 3, 21, 18)
+    with torch.no_grad():
+        assert ENGINE.accepts(net, x)
+        got = net(x, return_aux=True)
+    assert_same(got, reference(net, x, return_aux=True))
+    monkeypatch.setattr(ENGINE, 'whole_map_bytes', 0)
+    monkeypatch.setattr(ENGINE, 'band_bytes', 1)  # one row per band
+    with torch.no_grad():
+        assert_same(net(x, return_aux=True), got)
+
+
+@pytest.mark.parametrize('bands', [False, True], ids=['whole', 'bands'])
+@pytest.mark.parametrize('path', REFERENCES, ids=lambda p: p.stem)
+def test_published_reference_outputs_on_the_engine(path, bands, tmp_path, monkeypatch):
+    from ssiu_arch.tools.convert import convert
+    from ssiu_arch.utils.weights import load_ssiu
+
+    ref = load_reference(path)
+    torch.save(ref['official_checkpoint'], tmp_path / 'official.pt')
+    convert(tmp_path / 'official.pt', tmp_path / 'net.pth')
+    net = load_ssiu(tmp_path / 'net.pth').eval()
+    if bands:
+        monkeypatch.setattr(ENGINE, 'whole_map_bytes', 0)
+        monkeypatch.setattr(ENGINE, 'band_bytes', 1)
+    with torch.no_grad():
+        assert ENGINE.accepts(net, ref['input'])
+        out = net(ref['input'])
+    assert (out - ref['output']).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize('retained', [True, False])
+def test_row_bands_where_allocations_would_fault(monkeypatch, retained):
+    monkeypatch.setattr(engine, 'freed_memory_retained', lambda: retained)
+    net = SSIU(upscale=2)
+    assert ENGINE.band_rows(net, torch.empty(1, 3, 256, 256)) is None  # 16 MiB maps
+    # 64 MiB maps: above every mmap threshold, whole only where freed memory stays with the process
+    assert ENGINE.band_rows(net, torch.empty(1, 3, 512, 512)) == (None if retained else 64)
+    assert ENGINE.band_rows(net, torch.empty(1, 3, 1024, 1024)) == 32  # 256 MiB maps: 8 MiB bands in any case
+    monkeypatch.setattr(ENGINE, 'band_bytes', 0)
+    assert ENGINE.band_rows(net, torch.empty(1, 3, 1024, 1024)) is None
+
+
+@pytest.mark.parametrize('scale', [2, 3, 4])
+def test_tail_tap_sums_match_the_tail_modules(monkeypatch, scale):
+    """Tap sums of the tail, in bands of any number of rows, equal ``tail``'s own modules on NCHW maps."""
+    net = tiny(upscale=scale, num_feat=64, std=None)
+    for (batch, h, w), rows in [((2, 9, 13), (1, 2, 3, 4, 9)), ((1, 7, 5), (2, 3, 6)), ((1, 2, 3), (1, 2))]:
+        feat = torch.randn(batch, h, w, 64)
+        with torch.no_grad():
+            expected = net.tail(feat.permute(0, 3, 1, 2))
+        for band_rows in rows:  # bands of 2 rows at least; a last band of one row joins the one before
+            monkeypatch.setattr(ENGINE, 'tail_band_pixels', band_rows * w * scale * scale)
+            with torch.inference_mode():
+                got = ENGINE._reconstruct(net, feat)
+            assert (got - expected).abs().max() <= 1e-5, (batch, h, w, band_rows)
+
+
+class HookedMSGM(MSGM):
+    pass
+
+
+class OtherESAM(ESAM):
+    def forward(self, x):
+        return super().forward(x) * 0.5
+
+
+class PlainStep(SSRMStep):
+    pass
+
+
+def _grad_input(net, x):
+    return x.requires_grad_()
+
+
+def _grad_parameter(net, x):
+    net.body[1].s2.project_out.weight.requires_grad_()
+    return x
+
+
+def _trainable_esam(net, x):
+    net.requires_grad_(False)
+    for p in net.body[0].s3.parameters():
+        p.requires_grad_()
+    return x
+
+
+def _subclass(name):
+    def swap(net, x):
+        step = net.body[1]
+        if name == 'step':
+            new = PlainStep(32, kernel_size=3)
+            new.load_state_dict(step.state_dict())
+            net.body[1] = new
+        else:
+            old = getattr(step, name)
+            new = (HookedMSGM(32) if name == 's2' else OtherESAM(32))
+            new.load_state_dict(old.state_dict())
+            setattr(step, name, new)
+        return x
+    return swap
+
+
+def _replaced_module(net, x):
+    net.body[1].s1.act = nn.ReLU()
+    return x
+
+
+def _approximate_gelu(net, x):
+    net.tail[2].approximate = 'tanh'
+    return x
+
+
+def _hook(where, pre):
+    def register(net, x):
+        module = net if where == 'net' else net.body[0].s3.qkv_conv
+        if pre:
+            module.register_forward_pre_hook(lambda m, args: None)
+        else:
+            module.register_forward_hook(lambda m, args, out: None)
+        return x
+    return register
+
+
+def _no_kernels(net, x):
+    kernels.available()
+    kernels._LOADED = False
+    return x
+
+
+def _switched_off(net, x):
+    net.use_engine = False
+    return x
+
+
+REFUSED = {
+    'input requires grad': _grad_input,
+    'a parameter requires grad': _grad_parameter,
+    'frozen trunk, trainable ESAM': _trainable_esam,
+    'float64': lambda net, x: (net.double(), x.double())[1],
+    'bfloat16 input': lambda net, x: x.bfloat16(),
+    'kernels not loaded': _no_kernels,
+    'use_engine False': _switched_off,
+    'forward hook on the net': _hook('net', False),
+    'forward pre-hook on the net': _hook('net', True),
+    'forward hook on a submodule': _hook('sub', False),
+    'forward pre-hook on a submodule': _hook('sub', True),
+    'MSGM subclass': _subclass('s2'),
+    'ESAM subclass': _subclass('s3'),
+    'SSRMStep subclass': _subclass('step'),
+    'replaced submodule': _replaced_module,
+    'approximate GELU in the tail': _approximate_gelu,
+}
+
+
+@pytest.mark.parametrize('case', REFUSED)
+def test_engine_stands_aside(case, monkeypatch):
+    monkeypatch.setattr(kernels, '_LOADED', kernels.available())  # restored after the test
+    net = tiny(num_block=2).requires_grad_(False)
+    x = torch.rand(1, 3, 16, 16)
+    assert ENGINE.accepts(net, x)  # autograd is on, but nothing needs a gradient
+    x = REFUSED[case](net, x)
+    assert not ENGINE.accepts(net, x)
+    if x.dtype == torch.bfloat16:  # the reference refuses it too
+        return
+    out = net(x)
+    use_engine, net.use_engine = net.use_engine, False
+    assert torch.equal(out, net(x))  # the refused call is the reference forward
+    net.use_engine = use_engine
+
+
+def test_engine_stands_aside_for_autograd_and_gradients_flow():
+    net = tiny()
+    x = torch.rand(1, 3, 16, 16)
+    assert not ENGINE.accepts(net, x)  # parameters require grad, autograd is on
+    net(x).mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.parameters())
+    # Only ESAM's weights trainable: the maps reaching them need no gradient, the weights still get theirs.
+    net = tiny().requires_grad_(False)
+    trained = list(net.body[0].s3.parameters())
+    for p in trained:
+        p.requires_grad_(True)
+    net(x).mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in trained)
+
+
+def test_engine_stands_aside_for_a_global_hook():
+    net, x = tiny(), torch.rand(1, 3, 16, 16)
+    fired = []
+    for register in (nn.modules.module.register_module_forward_hook,
+                     nn.modules.module.register_module_forward_pre_hook):
+        fired.clear()
+        handle = register(lambda m, *args: fired.append(type(m)))
+        try:
+            with torch.no_grad():
+                assert not ENGINE.accepts(net, x)
+                net(x)
+        finally:
+            handle.remove()
+        assert nn.Conv2d in fired
+    with torch.no_grad():
+        assert ENGINE.accepts(net, x)
+
+
+def test_freed_memory_retained_reads_the_malloc_environment(monkeypatch):
+    from ssiu_arch.cpu import memory
+
+    monkeypatch.setattr(memory, '_RETAINED', False)
+    for key in ('MALLOC_MMAP_THRESHOLD_', 'MALLOC_TRIM_THRESHOLD_', 'LD_PRELOAD'):
+        monkeypatch.delenv(key, raising=False)
+    assert not memory.freed_memory_retained()
+    monkeypatch.setenv('LD_PRELOAD', '/usr/lib/libjemalloc.so.2')
+    assert memory.freed_memory_retained()
+    monkeypatch.delenv('LD_PRELOAD')
+    monkeypatch.setenv('MALLOC_TRIM_THRESHOLD_', '1000000000')
+    assert memory.freed_memory_retained()
+
+
+def test_engine_stands_aside_for_the_environment_switch(monkeypatch):
+    net, x = tiny(), torch.rand(1, 3, 16, 16)
+    monkeypatch.setenv('SSIU_NO_KERNELS', '1')
+    with torch.no_grad():
+        assert not ENGINE.accepts(net, x)
+    monkeypatch.setenv('SSIU_NO_KERNELS', '0')
+    with torch.no_grad():
+        assert ENGINE.accepts(net, x)
+
+
+def test_engine_stands_aside_under_a_flop_counter():
+    net, x = tiny(), torch.rand(1, 3, 16, 16)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        assert not ENGINE.accepts(net, x)
+        net(x)
+    assert counter.get_total_flops() > 0
+
+
+def test_engine_stands_aside_when_tracing_compiling_or_exporting(monkeypatch):
+    net, x = tiny(), torch.rand(1, 3, 16, 16)
+    seen = []
+    accepts = ENGINE.accepts
+    monkeypatch.setattr(ENGINE, 'accepts', lambda n, t: seen.append(accepts(n, t)) or seen[-1])
+    with torch.no_grad():
+        traced = torch.jit.trace(net, x, check_trace=False)
+        assert seen == [False]
+        assert (traced(x) - reference(net, x)).abs().max() <= 1e-5
+    monkeypatch.setattr(torch.compiler, 'is_compiling', lambda: True)
+    with torch.no_grad():
+        assert not accepts(net, x)
+    monkeypatch.undo()
+    monkeypatch.setattr(torch.onnx, 'is_in_onnx_export', lambda: True)
+    with torch.no_grad():
+        assert not accepts(net, x)
+
+
+def test_engine_stands_aside_inside_torch_compile(monkeypatch):
+    net, x = tiny(num_block=1), torch.rand(1, 3, 16, 16)
+    monkeypatch.setattr(ENGINE, 'run', lambda *args: pytest.fail('the engine ran inside torch.compile'))
+    with torch.no_grad():
+        out = torch.compile(net, backend='eager')(x)
+    assert (out - reference(net, x)).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize('kw', [dict(num_feat=24, num_heads=4), dict(kernel_size=9, num_feat=16),
+                                dict(expansion=1.5, num_feat=16)])
+def test_engine_stands_aside_for_unsupported_hyper_parameters(kw):
+    net = SSIU(upscale=2, num_block=2, **kw).eval()
+    x = torch.rand(1, 3, 16, 16)
+    with torch.no_grad():
+        assert not ENGINE.accepts(net, x)
+        out = net(x)
+    assert (out - reference(net, x)).abs().max() == 0
+
+
+def test_engine_stands_aside_for_changed_attributes():
+    net, x = tiny(), torch.rand(1, 3, 16, 16)
+    net.body[0].s3.scale = 1.0
+    with torch.no_grad():
+        assert not ENGINE.accepts(net, x)
+    net = tiny()
+    net.tail[-1].padding_mode = 'zeros'
+    with torch.no_grad():
+        assert not ENGINE.accepts(net, x)
+    net = tiny()
+    net.body[0].norm.body = nn.LayerNorm(32, elementwise_affine=False)
+    with torch.no_grad():
+        assert not ENGINE.accepts(net, x)
+
+
+def test_engine_stands_aside_for_a_changed_network_file(monkeypatch):
+    net, x = tiny(), torch.rand(1, 3, 16, 16)
+    monkeypatch.setattr(engine, '_NETWORK_KNOWN', False)
+    with torch.no_grad():
+        assert not ENGINE.accepts(net, x)
+
+
+def test_engine_runs_under_inference_mode_and_with_frozen_weights():
+    net = tiny().requires_grad_(False)
+    x = torch.rand(1, 3, 16, 16)
+    assert ENGINE.accepts(net, x)  # autograd on, but nothing needs a gradient
+    with torch.inference_mode():
+        assert ENGINE.accepts(net, x)
+        out = net(x)
+    assert (out - reference(net, x)).abs().max() <= 1e-5
