@@ -41,14 +41,10 @@ def test_multiply_adds_at_720p_output(scale, expected_g):
     assert abs(macs - expected_g) / expected_g < 0.02, macs
 
 
-@pytest.mark.parametrize('compiled', [True, False], ids=['kernels', 'standard-ops'])
+@pytest.mark.parametrize('use_engine', [True, False], ids=['engine', 'reference'])
 @pytest.mark.parametrize('path', REFERENCES, ids=lambda p: p.stem)
-def test_published_reference_outputs(path, compiled, tmp_path, monkeypatch):
-    from ssiu_arch.cpu import kernels
+def test_published_reference_outputs(path, use_engine, tmp_path):
     from ssiu_arch.utils.weights import load_ssiu
-
-    assert kernels.available() or not compiled, 'compiled kernels missing: install with a C++ compiler'
-    monkeypatch.setattr(kernels, '_LOADED', compiled)
 
     ref = load_reference(path)
     config = convert_and_check(path, tmp_path)
@@ -56,6 +52,7 @@ def test_published_reference_outputs(path, compiled, tmp_path, monkeypatch):
     assert config['num_feat'] == ref['config']['n_feats']
     assert config['num_block'] == ref['config']['n_blocks']
     net = load_ssiu(tmp_path / 'net.pth').eval()
+    net.use_engine = use_engine  # the CPU engine where installed and applicable, else the modules themselves
     with torch.no_grad():
         out = net(ref['input'])
     assert (out - ref['output']).abs().max() <= 1e-4
@@ -244,107 +241,3 @@ def test_convert_rejects_a_state_dict_that_does_not_fit(tmp_path):
     torch.save({'params': state}, src)
     with pytest.raises(CheckpointError, match='does not fit'):
         convert(src, tmp_path / 'out.pth')
-
-
-@pytest.mark.parametrize('scale, band_rows, batch, size',
-                         [(2, 1, 2, (17, 23)), (3, 3, 1, (40, 21)), (4, 5, 2, (33, 34))])
-def test_row_bands_give_the_whole_map_result(scale, band_rows, batch, size):
-    net = tiny(upscale=scale, num_block=4)
-    for p in net.parameters():
-        p.data.normal_(0, 0.2)
-    x = torch.rand(batch, 3, *size)
-    with torch.no_grad():
-        whole, whole_aux = net(x, return_aux=True)
-        net.whole_map_bytes = 0
-        padded_width = -(-size[1] // 16) * 16
-        net.band_bytes = band_rows * padded_width * 16 * 4
-        assert net.band_rows(pad_to_multiple(x, 16)) == band_rows
-        banded, banded_aux = net(x, return_aux=True)
-    assert (banded - whole).abs().max() <= 1e-5
-    assert (banded_aux['gates'] - whole_aux['gates']).abs().max() <= 1e-6
-    for a, b in zip(banded_aux['step_outputs'], whole_aux['step_outputs']):
-        assert (a - b).abs().max() <= 1e-5
-
-
-@pytest.mark.parametrize('retained', [True, False])
-def test_row_bands_where_allocations_would_fault(monkeypatch, retained):
-    import ssiu_arch.archs.ssiu_arch as arch
-
-    monkeypatch.setattr(arch, 'freed_memory_retained', lambda: retained)
-    net = SSIU(upscale=2).eval()
-    with torch.no_grad():
-        assert net.band_rows(torch.empty(1, 3, 256, 256)) is None  # 16 MiB maps
-        # 64 MiB maps: above every mmap threshold, whole only where freed memory stays with the process
-        assert net.band_rows(torch.empty(1, 3, 512, 512)) == (None if retained else 64)
-        assert net.band_rows(torch.empty(1, 3, 1024, 1024)) == 32  # 256 MiB maps: 8 MiB bands in any case
-        assert net.band_rows(torch.empty(1, 3, 512, 512, device='meta')) is None  # not a CPU tensor
-    assert net.band_rows(torch.empty(1, 3, 1024, 1024)) is None  # autograd
-    net.band_bytes = 0
-    with torch.no_grad():
-        assert net.band_rows(torch.empty(1, 3, 1024, 1024)) is None
-
-
-def test_freed_memory_retained_reads_the_malloc_environment(monkeypatch):
-    from ssiu_arch.cpu import memory
-
-    monkeypatch.setattr(memory, '_RETAINED', False)
-    for key in ('MALLOC_MMAP_THRESHOLD_', 'MALLOC_TRIM_THRESHOLD_', 'LD_PRELOAD'):
-        monkeypatch.delenv(key, raising=False)
-    assert not memory.freed_memory_retained()
-    monkeypatch.setenv('LD_PRELOAD', '/usr/lib/libjemalloc.so.2')
-    assert memory.freed_memory_retained()
-    monkeypatch.delenv('LD_PRELOAD')
-    monkeypatch.setenv('MALLOC_TRIM_THRESHOLD_', '1000000000')
-    assert memory.freed_memory_retained()
-
-
-def test_row_bands_reproduce_the_published_reference(tmp_path):
-    from ssiu_arch.utils.weights import load_ssiu
-
-    ref = load_reference(REFERENCES[-1])
-    convert_and_check(REFERENCES[-1], tmp_path)
-    net = load_ssiu(tmp_path / 'net.pth').eval()
-    net.whole_map_bytes, net.band_bytes = 0, 1  # one row per band
-    with torch.no_grad():
-        assert net.band_rows(ref['input']) == 1
-        out = net(ref['input'])
-    assert (out - ref['output']).abs().max() <= 1e-4
-
-
-def test_band_of_upsampled_attention_rows_matches_whole_map():
-    from ssiu_arch.archs.ssiu_arch import ESAM
-
-    esam = ESAM(16).eval()
-    for h in (8, 13, 48):
-        low = torch.rand(2, h, 11, 16)
-        whole = F.interpolate(low.permute(0, 3, 1, 2), scale_factor=2, mode='bilinear', align_corners=True)
-        whole = whole.permute(0, 2, 3, 1)
-        for r0, r1 in ((0, 1), (0, 5), (3, 2 * h - 1), (2 * h - 1, 2 * h), (h, h + 3)):
-            rows = esam.upsample_rows(low, r0, r1, 2 * h)
-            assert (rows - whole[:, r0:r1]).abs().max() <= 1e-6, (h, r0, r1)
-    x = torch.rand(1, 32, 48, 16)
-    with torch.no_grad():
-        whole = esam(x)
-        rows = esam.upsample_rows(esam.attend(x), 5, 20, 32)
-    assert whole.shape == x.shape and (rows - whole[:, 5:20]).abs().max() <= 1e-6
-
-
-@pytest.mark.parametrize('scale', [2, 3, 4])
-def test_tail_tap_sums_match_the_standard_modules(monkeypatch, scale):
-    """Banded tap sums (inference) and whole-map tap sums (autograd) equal ``tail``'s own modules on NCHW maps."""
-    import ssiu_arch.archs.ssiu_arch as arch
-
-    net = tiny(upscale=scale, num_feat=64)
-    for (batch, h, w), rows in [((2, 9, 13), (1, 2, 3, 4, 9)), ((1, 7, 5), (2, 3, 6)), ((1, 2, 3), (1, 2))]:
-        feat = torch.randn(batch, h, w, 64)
-        with torch.no_grad():
-            expected = net.tail(feat.permute(0, 3, 1, 2))
-        for band_rows in rows:  # bands of 2 rows at least; a last band of one row joins the one before
-            monkeypatch.setattr(arch, 'TAIL_BAND_PIXELS', band_rows * w * scale * scale)
-            with torch.inference_mode():
-                got = net.reconstruct(feat)
-            assert (got - expected).abs().max() <= 1e-5, (batch, h, w, band_rows)
-        whole = net.reconstruct(feat.requires_grad_())  # autograd: the whole map, standard operators
-        assert (whole - expected).abs().max() <= 1e-5
-        whole.sum().backward()
-        assert feat.grad.abs().sum() > 0
