@@ -41,9 +41,9 @@ def test_multiply_adds_at_720p_output(scale, expected_g):
     assert abs(macs - expected_g) / expected_g < 0.02, macs
 
 
+@pytest.mark.parametrize('use_engine', [True, False], ids=['engine', 'reference'])
 @pytest.mark.parametrize('path', REFERENCES, ids=lambda p: p.stem)
-def test_published_reference_outputs(path, tmp_path):
-    """The network's own modules (the engine's path is checked in test_engine.py)."""
+def test_published_reference_outputs(path, use_engine, tmp_path):
     from ssiu_arch.utils.weights import load_ssiu
 
     ref = load_reference(path)
@@ -52,7 +52,7 @@ def test_published_reference_outputs(path, tmp_path):
     assert config['num_feat'] == ref['config']['n_feats']
     assert config['num_block'] == ref['config']['n_blocks']
     net = load_ssiu(tmp_path / 'net.pth').eval()
-    net.use_engine = False
+    net.use_engine = use_engine  # the CPU engine where installed and applicable, else the modules themselves
     with torch.no_grad():
         out = net(ref['input'])
     assert (out - ref['output']).abs().max() <= 1e-4

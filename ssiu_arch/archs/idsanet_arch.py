@@ -22,7 +22,7 @@ Choices the description leaves open, made here:
 
 * self-attention over non-overlapping ``window_size``² windows (no shift: the local convolutions and the
   23-pixel receptive field of LKCIP connect neighbouring windows) with a learned relative position bias;
-  the input is padded to a multiple of ``window_size`` (:func:`ssiu_arch.archs.ssiu_arch.pad_to_multiple`) and
+  the input is mirror-padded to a multiple of ``window_size`` (:func:`mirror_pad`, as SSIU pads) and
   the output cropped back, so any size works;
 * the sequence-modelling unit is a recurrence-free, Mamba-like gated unit: a depthwise 1-D convolution
   along the raster-flattened token sequence of each window, gated by a SiLU branch;
@@ -44,10 +44,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ssiu_arch.archs.ssiu_arch import pad_to_multiple
-
 __all__ = ['ASDB', 'INHA', 'LKCIP', 'AttentionMap', 'IDSANet', 'RefineUnit', 'SequenceModellingUnit',
-           'channel_shuffle', 'window_partition', 'window_reverse']
+           'channel_shuffle', 'mirror_pad', 'window_partition', 'window_reverse']
+
+
+def mirror_pad(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Pad the bottom/right of an NCHW tensor to a multiple of ``multiple`` by repeated mirror reflection.
+
+    Equals ``F.pad(mode='reflect')`` where one reflection suffices; smaller sides repeat it (period ``2n - 2``)
+    and a one-pixel side is replicated. An index gather, so traced graphs pad any size.
+    """
+    def index(n: int) -> torch.Tensor:
+        i = torch.arange(n + (-n) % multiple, device=x.device) % (2 * n - 2 + 1 // n)
+        return (n - 1) - (i - (n - 1)).abs()
+
+    h, w = x.shape[-2:]
+    return x.index_select(-2, index(h)).index_select(-1, index(w))
 
 
 def window_partition(x: torch.Tensor, window_size: int) -> torch.Tensor:
@@ -325,7 +337,7 @@ class IDSANet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
-        feat = self.head(pad_to_multiple(x, self.window_size))
+        feat = self.head(mirror_pad(x, self.window_size))
         out, attn = feat, None
         for block in self.body:
             out, attn = block(out, None if block.attn_map is not None else attn)

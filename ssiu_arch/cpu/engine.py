@@ -66,7 +66,7 @@ KERNEL_SIZES = (1, 3, 5, 7)
 # SHA-256 of the network file the engine was written for and checked against (LF line endings). Any change to
 # that file makes the engine stand aside until its tests pass again against the changed network and this
 # digest is updated: a modified network never runs the old fused math.
-NETWORK_DIGEST = '8d2afaaeaf6f9b80edd1d025378b9502e530619dba94b34ecaa4a9ad73620499'
+NETWORK_DIGEST = '982de776fd6b064971556004101f4145f521762a7d9d97793796ea56184a709d'
 # Exactly the module classes the engine knows; a subclass of any of them is a network it was not written for.
 _PARTS = (SSIU, SSRMStep, ChannelLayerNorm, MSGM, ESAM, MoEFeatureSelector, nn.LayerNorm, nn.Conv2d,
           nn.Sequential, nn.ModuleList, nn.PixelShuffle, nn.GELU, nn.Upsample, nn.MaxPool2d, nn.Identity)
@@ -127,7 +127,7 @@ class Engine:
                 or torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export() or _len_torch_dispatch_stack()):
             return False
         if (not kernels.available() or os.environ.get('SSIU_NO_KERNELS', '') not in ('', '0')
-                or not getattr(net, 'use_engine', True) or _ONEDNN_CONV is None
+                or not net.use_engine or _ONEDNN_CONV is None
                 or not torch.backends.mkldnn.is_available() or not torch.backends.mkldnn.enabled):
             return False
         if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
