@@ -55,8 +55,9 @@ def mirror_pad(x: torch.Tensor, multiple: int) -> torch.Tensor:
     and a one-pixel side is replicated. An index gather, so traced graphs pad any size.
     """
     def index(n: int) -> torch.Tensor:
-        i = torch.arange(n + (-n) % multiple, device=x.device) % (2 * n - 2 + 1 // n)
-        return (n - 1) - (i - (n - 1)).abs()
+        period = 2 * n - 2 + 1 // n
+        m = torch.arange(((n - 1) // multiple + 1) * multiple, device=x.device) % period
+        return torch.minimum(m, period - m)
 
     h, w = x.shape[-2:]
     return x.index_select(-2, index(h)).index_select(-1, index(w))

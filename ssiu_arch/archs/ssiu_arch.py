@@ -49,11 +49,12 @@ def _mirror_index(n: int, multiple: int, device: torch.device) -> torch.Tensor:
     """Source index of each position of a side of ``n`` extended to a multiple of ``multiple``.
 
     The extension has period ``2n - 2`` (1 for a single pixel, which ``1 // n`` adds): position ``i`` reads
-    ``m = i mod period`` or, past the last sample, its mirror ``period - m``. Plain arithmetic on the size,
-    without comparisons, so that it stays one expression of the size when traced or compiled with dynamic shapes.
+    ``m = i mod period`` or, past the last sample, its mirror ``period - m``. Plain arithmetic on the size: no
+    comparisons, and a padded length whose positivity sympy can see, so that torch.compile lowers it with dynamic
+    shapes (and tracing records it as an expression of the size).
     """
     period = 2 * n - 2 + 1 // n
-    m = torch.arange(n + (multiple - n % multiple) % multiple, device=device) % period
+    m = torch.arange(((n - 1) // multiple + 1) * multiple, device=device) % period
     return torch.minimum(m, period - m)
 
 
