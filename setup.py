@@ -47,8 +47,8 @@ setup(
     long_description_content_type='text/markdown',
     license='Apache-2.0',
     python_requires='>=3.9',
-    packages=['ssiu_arch', 'ssiu_arch.archs', 'ssiu_arch.cpu', 'ssiu_arch.models', 'ssiu_arch.tools', 'ssiu_arch.utils',
-              'ssiu_arch.losses', 'ssiu_arch.datasets_lmdb'],
+    packages=['ssiu_arch', 'ssiu_arch.archs', 'ssiu_arch.cpu', 'ssiu_arch.evaluation', 'ssiu_arch.models',
+              'ssiu_arch.tools', 'ssiu_arch.utils', 'ssiu_arch.losses', 'ssiu_arch.datasets_lmdb'],
     package_dir={
         'ssiu_arch': 'ssiu_arch',
         'ssiu_arch.losses': 'losses',
