@@ -6,13 +6,10 @@ import os
 from collections.abc import Iterable
 
 from ssiu_arch.evaluation.errors import ResultsError
+from ssiu_arch.evaluation.metrics_schema import is_number
 from ssiu_arch.evaluation.table import Entry
 
 BENCH_KEYS = ('model', 'scale', 'params', 'macs_g')
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def read_bench(path: str | os.PathLike) -> list[dict]:
@@ -32,8 +29,8 @@ def read_bench(path: str | os.PathLike) -> list[dict]:
     for i, row in enumerate(rows):
         if not isinstance(row, dict) or any(key not in row for key in BENCH_KEYS):
             raise ResultsError(f'{path}: row {i} must be an object with keys {", ".join(BENCH_KEYS)}')
-        if not isinstance(row['scale'], int) or not _is_number(row['params']) or not (
-                row['macs_g'] is None or _is_number(row['macs_g'])):
+        if not isinstance(row['scale'], int) or not is_number(row['params']) or not (
+                row['macs_g'] is None or is_number(row['macs_g'])):
             raise ResultsError(f'{path}: row {i}: "scale" must be an integer, "params" and "macs_g" numbers')
         key = (str(row['model']).casefold(), row['scale'])
         if key in seen:

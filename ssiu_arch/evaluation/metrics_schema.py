@@ -30,7 +30,8 @@ from ssiu_arch.utils.fileio import write_text_atomic
 KEYS = ('name', 'model', 'scale', 'dataset', 'crop_border', 'test_y_channel', 'iter', 'metrics', 'images', 'mean')
 
 
-def _is_number(value: object) -> bool:
+def is_number(value: object) -> bool:
+    """An int or float, not a bool (JSON numbers as ``json`` loads them)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
@@ -70,11 +71,11 @@ def validate_metrics(doc: object, origin: str, scale: int | None = None,
     if absent:
         raise ResultsError(f'{origin}: "metrics" must include {", ".join(absent)}, got {metrics!r}')
     mean = doc['mean']
-    if not isinstance(mean, dict) or not all(_is_number(mean.get(m)) for m in metrics):
+    if not isinstance(mean, dict) or not all(is_number(mean.get(m)) for m in metrics):
         raise ResultsError(f'{origin}: "mean" must give a number for each of {metrics}, got {mean!r}')
     images = doc['images']
     if not isinstance(images, list) or not images or not all(
-            isinstance(img, dict) and isinstance(img.get('name'), str) and all(_is_number(img.get(m)) for m in metrics)
+            isinstance(img, dict) and isinstance(img.get('name'), str) and all(is_number(img.get(m)) for m in metrics)
             for img in images):
         fields = ', '.join(f'"{key}"' for key in ('name', *metrics))
         raise ResultsError(f'{origin}: "images" must be a non-empty list of {{{fields}}} objects')

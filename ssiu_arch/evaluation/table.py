@@ -30,7 +30,7 @@ class Entry:
 
 
 def entries_from_results(results: Sequence[tuple[str, dict]], kind: str = 'measured') -> list[Entry]:
-    """One row per run (name, iter, scale) from validated metrics documents ``(origin, document)``.
+    """One row per run (name, iter, scale) from validated metrics documents with PSNR, ``(origin, document)``.
 
     A run evaluated at several iterations gets one row per iteration, labelled ``name @iter``; two documents
     for the same run and dataset are an error naming both.
