@@ -35,8 +35,8 @@ from ssiu_arch.utils.fileio import write_text_atomic
 
 SOURCE = Path(__file__).parent / 'csrc' / 'kernels.cpp'
 NAME = 'ssiu_kernels'
-CFLAGS = ['-O3', '-fopenmp']
-LDFLAGS = ['-fopenmp']
+CFLAGS = ('-O3', '-fopenmp')
+LDFLAGS = ('-fopenmp',)
 
 
 class KernelBuildError(RuntimeError):
@@ -79,7 +79,7 @@ def library(rebuild: bool = False) -> Path:
     key = build_key()
     folder = build_folder(key)
     if not rebuild and _mismatch(folder, key) is None:
-        return folder / f'{NAME}.so'
+        return _library_path(folder)
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
         lock = FileLock(str(folder) + '.lock')
@@ -89,11 +89,15 @@ def library(rebuild: bool = False) -> Path:
     try:
         stale = _mismatch(folder, key)  # another process may have built it while this one waited
         if stale is None and not rebuild:
-            return folder / f'{NAME}.so'
-        _build(folder, key, stale, rebuild)
+            return _library_path(folder)
+        return _build(folder, key, stale, rebuild)
     finally:
         lock.release()
-    return folder / f'{NAME}.so'
+
+
+def _library_path(folder: Path) -> Path:
+    """The library a build recorded in ``folder`` (checked by :func:`_mismatch`)."""
+    return folder / json.loads((folder / 'build.json').read_text(encoding='utf-8'))['library']
 
 
 def _mismatch(folder: Path, key: dict[str, str]) -> str | None:
@@ -102,20 +106,22 @@ def _mismatch(folder: Path, key: dict[str, str]) -> str | None:
     if not record.is_file():
         return ''
     try:
-        built = json.loads(record.read_text(encoding='utf-8'))['key']
+        built = json.loads(record.read_text(encoding='utf-8'))
+        built, library_name = built['key'], Path(built['library']).name
     except (OSError, ValueError, KeyError, TypeError):
         return f'unreadable build record {record}'
     differences = [f'{name} {built.get(name)!r} (here {value!r})' for name, value in key.items()
                    if built.get(name) != value]
     if differences:
         return f'library in {folder} was built for another ' + ', '.join(differences)
-    if not (folder / f'{NAME}.so').is_file():
+    if not (folder / library_name).is_file():
         return f'library missing from {folder}'
     return None
 
 
-def _build(folder: Path, key: dict[str, str], stale: str | None, rebuild: bool) -> None:
-    """Compile the kernels into ``folder`` (emptied first) and record ``key``; on failure record and raise why."""
+def _build(folder: Path, key: dict[str, str], stale: str | None, rebuild: bool) -> Path:
+    """Compile the kernels into ``folder`` (emptied first) and record ``key`` and the library's name; on failure
+    record and raise why."""
     from torch.utils.cpp_extension import get_cxx_compiler, load
 
     refused = f'{stale}; ' if stale else ''
@@ -136,9 +142,9 @@ def _build(folder: Path, key: dict[str, str], stale: str | None, rebuild: bool) 
     folder.mkdir(parents=True)
     print(f'compiling SSIU CPU kernels (once, ~1 min) into {folder} ...', file=sys.stderr, flush=True)
     try:
-        with _ninja_on_path():
-            load(NAME, [str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=LDFLAGS, build_directory=str(folder),
-                 is_python_module=False)
+        with _ninja_on_path():  # (copies of the flags: load() extends its lists)
+            path = Path(load(NAME, [str(SOURCE)], extra_cflags=list(CFLAGS), extra_ldflags=list(LDFLAGS),
+                             build_directory=str(folder), is_python_module=False))
     except KernelBuildError as err:
         raise KernelBuildError(f'{refused}{err}') from None
     except Exception as err:  # a compiler error, a link error or a library that does not load
@@ -147,7 +153,9 @@ def _build(folder: Path, key: dict[str, str], stale: str | None, rebuild: bool) 
         reason = f'{refused}build with {identity} failed: {_first_error(str(err))} (log: {log})'
         write_text_atomic(failure, json.dumps({'key': key, 'compiler': identity, 'reason': reason}, indent=2))
         raise KernelBuildError(reason) from None
-    write_text_atomic(folder / 'build.json', json.dumps({'key': key, 'compiler': identity}, indent=2) + '\n')
+    record = {'key': key, 'library': path.name, 'compiler': identity}
+    write_text_atomic(folder / 'build.json', json.dumps(record, indent=2) + '\n')
+    return path
 
 
 def _first_error(output: str) -> str:
