@@ -10,9 +10,14 @@ import sysconfig
 import zipfile
 from pathlib import Path
 
+import cv2
+import numpy as np
 import pytest
+import torch
 
-from ssiu_arch.cpu import build
+from ssiu_arch.archs.ssiu_arch import SSIU
+from ssiu_arch.cpu import build, kernels
+from ssiu_arch.tools.cli import ssiu_main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -113,6 +118,16 @@ def test_switched_off_kernels_are_reported_not_warned(tmp_path):
     assert run.stdout.splitlines() == ["(False, 'switched off by SSIU_NO_KERNELS')", 'False']
     assert 'compiled CPU kernels' not in run.stderr
 
+
+
+def test_ssiu_infer_prints_the_kernel_state(tmp_path, capsys):
+    torch.manual_seed(1)
+    weights = tmp_path / 'net_g.pth'
+    torch.save({'params': SSIU(upscale=2, num_feat=8, num_block=1, num_heads=2).state_dict()}, weights)
+    cv2.imwrite(str(tmp_path / 'lr.png'), np.full((12, 16, 3), 128, np.uint8))
+    assert ssiu_main(['infer', str(tmp_path / 'lr.png'), '-w', str(weights), '-o', str(tmp_path / 'out')]) == 0
+    loaded, path = kernels.status()
+    assert f'compiled CPU kernels: loaded ({path})' in capsys.readouterr().out and loaded
 
 @pytest.mark.slow
 def test_wheel_installed_in_a_fresh_venv_compiles_and_loads_the_kernels(tmp_path, monkeypatch):
