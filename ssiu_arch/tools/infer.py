@@ -240,6 +240,7 @@ def infer_paths(
 
 
 def _run(args: argparse.Namespace) -> int:
+    from ssiu_arch.cpu import kernels
     from ssiu_arch.cpu.memory import retain_freed_memory
     from ssiu_arch.utils.weights import CheckpointError, infer_config, load_ssiu
 
@@ -250,6 +251,7 @@ def _run(args: argparse.Namespace) -> int:
         raise SystemExit('ssiu infer: --half needs --device cuda (float16 is slow or unsupported on the CPU)')
     if device == 'cpu':  # feature maps are reused instead of zero-filled afresh: up to 2x faster (ssiu bench)
         retain_freed_memory()
+        print(kernels.status_line(), flush=True)
     try:
         net = load_ssiu(args.weights)
     except CheckpointError as err:
