@@ -17,6 +17,7 @@ Most hyper-parameters follow from the tensor shapes (:func:`infer_config`). Thos
 """
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import re
@@ -218,7 +219,8 @@ def network_options(state: dict[str, torch.Tensor], stored: dict | None = None,
         if key in shapes and key not in ('window', 'attn_pooled') and value != shapes[key]:
             raise CheckpointError(f'{source}: {CONFIG_KEY}.{key} is {value!r} but the weights have {shapes[key]!r}')
     options.update(stored)
-    return {'type': arch, **options}
+    order = list(inspect.signature(ARCHS[arch]).parameters)  # the constructor's order, as in a YAML file
+    return {'type': arch, **dict(sorted(options.items(), key=lambda item: order.index(item[0])))}
 
 
 def build_network(path: str | os.PathLike, param_key: str | None = None) -> tuple[nn.Module, dict]:
