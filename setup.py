@@ -10,6 +10,10 @@ from pathlib import Path
 from setuptools import setup
 
 HERE = Path(__file__).parent
+# Optional dependencies (extras_require below).
+BASICSR = ['basicsr>=1.4.2', 'torchvision>=0.16']  # torchvision: also imported by HROnlyBicubicDataset
+SPANDREL = ['spandrel>=0.4']
+ONNX = ['onnx>=1.15', 'onnxruntime>=1.17']
 
 
 def kernel_build() -> dict:
@@ -46,7 +50,7 @@ setup(
     long_description=(HERE / 'README.md').read_text(encoding='utf-8'),
     long_description_content_type='text/markdown',
     license='Apache-2.0',
-    python_requires='>=3.9',
+    python_requires='>=3.10',
     packages=['ssiu_arch', 'ssiu_arch.archs', 'ssiu_arch.cpu', 'ssiu_arch.models', 'ssiu_arch.tools', 'ssiu_arch.utils',
               'ssiu_arch.losses', 'ssiu_arch.datasets_lmdb'],
     package_dir={
@@ -55,23 +59,26 @@ setup(
         'ssiu_arch.datasets_lmdb': 'datasets_lmdb',
     },
     package_data={'ssiu_arch': ['data/*.csv']},
+    # Ranges, not pins: installing into an environment that has torch (a CUDA workstation, a ComfyUI venv) keeps
+    # it. The tested versions are pinned in scripts/constraints.txt, which scripts/setup.sh applies.
     install_requires=[
-        # torch 2.13.0 has a CPU wheel; an open range pulls a multi-GB CUDA build on CPU-only machines.
-        'torch==2.13.0',
-        'torchvision==0.28.0',
-        # basicsr 1.4.2 is an sdist whose build needs torch: install with --no-build-isolation.
-        'basicsr==1.4.2',
-        'einops>=0.7',
+        'torch>=2.6',
         'lmdb>=1.4',
         'matplotlib>=3.7',
         'numpy>=1.24',
         'opencv-python>=4.8',
         'pyyaml>=6.0',
+        'safetensors>=0.4',
         'tqdm>=4.60',
     ],
     extras_require={
-        'onnx': ['onnx>=1.15', 'onnxruntime>=1.17'],
-        'dev': ['onnx>=1.15', 'onnxruntime>=1.17', 'pytest>=8', 'ruff>=0.5'],
+        # BasicSR training/testing: `basicsr train|test`, SSIUModel, the losses, HROnlyBicubicDataset,
+        # `ssiu results`. basicsr 1.4.2 is an sdist whose build needs torch: install it with
+        # --no-build-isolation once torch is installed.
+        'basicsr': BASICSR,
+        'spandrel': SPANDREL,
+        'onnx': ONNX,
+        'dev': [*BASICSR, *SPANDREL, *ONNX, 'pytest>=8', 'ruff>=0.5'],
     },
     entry_points={
         'console_scripts': [

@@ -67,17 +67,13 @@ def ssiu_main(argv: list[str] | None = None) -> int:
                 importlib.import_module('ssiu_arch.models')
             importlib.import_module(module).add_parser(subparsers)
         except ImportError as err:  # a subcommand whose extra is not installed
-            _add_unavailable(subparsers, name, err)
+            missing = err.name or str(err)
+            extra = 'basicsr' if missing.split('.')[0] in ('basicsr', 'torchvision') else None
+            hint = f"pip install 'ssiu[{extra}]'" if extra else f'install {missing}'
+            if name == chosen:
+                message = f'ssiu {name}: needs {missing}, which is not installed or does not import ({hint})'
+                raise SystemExit(message) from None
+            subparsers.add_parser(name, help=f'(unavailable: needs {missing}; {hint})')
     args = parser.parse_args(argv)
     return args.func(args)
 
-
-def _add_unavailable(subparsers: argparse._SubParsersAction, name: str, err: ImportError) -> None:
-    """A placeholder for subcommand ``name`` that says what is missing instead of running."""
-    missing = err.name or str(err)
-    extra = 'basicsr' if missing.split('.')[0] in ('basicsr', 'torchvision') else None
-    hint = f"pip install 'ssiu[{extra}]'" if extra else f'install {missing}'
-    message = f'ssiu {name}: needs {missing}, which is not installed or does not import ({hint})'
-    parser = subparsers.add_parser(name, help=f'(unavailable: needs {missing})', add_help=False)
-    parser.add_argument('rest', nargs=argparse.REMAINDER)
-    parser.set_defaults(func=lambda _args: sys.exit(message))
