@@ -65,6 +65,8 @@ WITHOUT_BASICSR = textwrap.dedent('''
         x = torch.rand(1, 3, 11, 13)
         assert (model(x) - net(x).clamp(0, 1)).abs().max() <= 1e-5
 
+    import ssiu_arch.datasets_lmdb.cli  # noqa: F401  (ssiu lmdb)
+    import ssiu_arch.tools.bench  # noqa: F401  (ssiu bench)
     assert not [m for m in sys.modules if m.split('.')[0] == 'basicsr'], 'basicsr was imported'
     try:
         ssiu_main(['results', '--scale', '2'])
