@@ -224,3 +224,28 @@ def test_ssiu_model_saves_safetensors_copies_on_request(tmp_path):
     assert options['num_feat'] == 16
     ema = model.net_g_ema.state_dict()
     assert all(torch.equal(v, ema[k]) for k, v in net.state_dict().items())
+
+
+def test_basicsr_test_refuses_bad_pretrained_weights_in_one_line(tmp_path, monkeypatch, data_dir):
+    from ssiu_arch.tools.cli import basicsr_main
+
+    state = _tiny_ssiu().state_dict()
+    state['head.bias'][0] = float('inf')
+    torch.save({'params': state}, tmp_path / 'inf.pth')
+    set5 = data_dir / 'benchmark' / 'Set5'
+    (tmp_path / 'test.yml').write_text(f"""
+name: refuse_inf
+model_type: SSIUModel
+scale: 2
+num_gpu: 0
+datasets:
+  test_1: {{name: Set5, type: PairedImageDataset, dataroot_gt: {set5 / 'HR'}, dataroot_lq: {set5 / 'LR_bicubic/X2'},
+           filename_tmpl: '{{}}x2', io_backend: {{type: disk}}}}
+network_g: {{type: SSIU, upscale: 2, num_feat: 16, num_block: 3}}
+path: {{pretrain_network_g: {tmp_path / 'inf.pth'}, strict_load_g: true}}
+val: {{save_img: false}}
+""")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        basicsr_main(['test', '-opt', str(tmp_path / 'test.yml')])
+    assert str(exit_.value) == f'basicsr test: {tmp_path / "inf.pth"}: weight head.bias holds NaN or Inf values'

@@ -42,15 +42,16 @@ def basicsr_main(argv: list[str] | None = None) -> int:
 
     if '-h' not in rest and '--help' not in rest:
         check_options_file(rest, is_train=command == 'train')
+    from basicsr.test import test_pipeline
+    from basicsr.train import train_pipeline
+
+    from ssiu_arch.utils.weights import CheckpointError
+
     sys.argv = [f'basicsr {command}', *rest]
-    if command == 'train':
-        from basicsr.train import train_pipeline
-
-        train_pipeline(os.getcwd())
-    else:
-        from basicsr.test import test_pipeline
-
-        test_pipeline(os.getcwd())
+    try:
+        (train_pipeline if command == 'train' else test_pipeline)(os.getcwd())
+    except CheckpointError as err:  # path.pretrain_network_g that cannot be read or does not fit network_g
+        raise SystemExit(f'basicsr {command}: {err}') from None
     return 0
 
 
