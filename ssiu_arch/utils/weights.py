@@ -191,10 +191,9 @@ def network_options(state: dict[str, torch.Tensor], stored: dict | None = None,
     stored = dict(stored or {})
     arch = detect_arch(state)
     if arch is None:
-        missing = {a: [k for k in keys if k not in state] for a, keys in ARCH_KEYS.items()}
-        raise CheckpointError(f'{source}: not an SSIU state dict, nor an IDSA-Net one (no '
-                              f'{" / ".join(missing["SSIU"][:2])}; {len(state)} tensors, first key '
-                              f'{next(iter(state), None)!r})')
+        missing = [k for k in ARCH_KEYS['SSIU'] if k not in state]
+        raise CheckpointError(f'{source}: not an SSIU state dict, nor an IDSA-Net one (no {" / ".join(missing[:2])}; '
+                              f'{len(state)} tensors, first key {next(iter(state), None)!r})')
     stored_type = stored.pop('type', arch)
     if stored_type != arch:
         raise CheckpointError(f'{source}: {CONFIG_KEY}.type is {stored_type!r} but the weights are {arch}')
