@@ -4,9 +4,8 @@ Each fix is applied only when the problem it addresses is present, so newer Basi
 releases run untouched:
 
 * torchvision CUDA wheels beside a CPU torch fail on import with ``operator torchvision::nms does not
-  exist``: its C extension cannot load, then its meta registrations reference the missing ops. We
-  define the two op schemas and import again (only ``torchvision.ops.nms``/``deform_conv2d`` stay
-  unavailable, which image SR does not use).
+  exist``: :func:`ssiu_arch.utils.torchvision_import.import_torchvision` defines the two op schemas and
+  imports again (only ``torchvision.ops.nms``/``deform_conv2d`` stay unavailable).
 * basicsr 1.4.2 imports ``torchvision.transforms.functional_tensor``, removed in torchvision 0.17
   (BasicSR issues #533 and #663): we register an alias exposing ``rgb_to_grayscale``.
 * ``basicsr.train.load_resume_state`` maps the state to ``torch.cuda.current_device()``: without
@@ -26,27 +25,7 @@ import types
 
 import torch
 
-_TORCHVISION_SCHEMAS = (
-    'nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor',
-    'qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor',
-)
-_torchvision_library = None  # must stay alive for the schemas to stay registered
-
-
-def _import_torchvision() -> None:
-    global _torchvision_library
-    try:
-        importlib.import_module('torchvision')
-        return
-    except RuntimeError as err:
-        if 'torchvision::nms' not in str(err):
-            raise
-    for name in [m for m in sys.modules if m == 'torchvision' or m.startswith('torchvision.')]:
-        del sys.modules[name]
-    _torchvision_library = torch.library.Library('torchvision', 'DEF')
-    for schema in _TORCHVISION_SCHEMAS:
-        _torchvision_library.define(schema)
-    importlib.import_module('torchvision')
+from ssiu_arch.utils.torchvision_import import import_torchvision
 
 
 def _alias_functional_tensor() -> None:
@@ -105,7 +84,7 @@ def init_dist_cpu(launcher: str, backend: str = 'gloo', **kwargs) -> None:
 
 def apply() -> None:
     """Apply every fix that the installed versions and the machine need; safe to call repeatedly."""
-    _import_torchvision()
+    import_torchvision()
     _alias_functional_tensor()
     if torch.cuda.is_available():
         return

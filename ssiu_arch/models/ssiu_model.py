@@ -35,6 +35,7 @@ from ssiu_arch.archs.ssiu_arch import SSIU, pad_to_multiple
 from ssiu_arch.datasets_lmdb.imresize import imresize
 from ssiu_arch.evaluation.metrics_schema import make_metrics, write_metrics
 from ssiu_arch.utils.fileio import save_atomic
+from ssiu_arch.utils.weights import CONFIG_KEY, STATE_KEYS, CheckpointError, read_checkpoint, save_weights
 
 __all__ = ['SSIUModel']
 
@@ -75,6 +76,12 @@ class SSIUModel(SRModel):
     * ``val.bicubic_baseline: true`` also logs, per validation set, the metrics of MATLAB bicubic upscaling
       of the same LR images (measured once, with the same metric options), so a log shows what the
       network must beat.
+    * Weights (``path.pretrain_network_g``) are read by :mod:`ssiu_arch.utils.weights`: ``.pth``/``.pt`` with
+      ``weights_only=True`` or ``.safetensors``, in BasicSR's, the published or a bare layout, NaN/Inf refused;
+      ``param_key`` and ``strict_load_g`` keep BasicSR's meaning (``params_ema`` falls back to ``params``).
+    * ``net_g_N.pth`` also holds the ``network_g`` options (beside ``params``); ``logger.save_safetensors: true``
+      also writes ``net_g_N.safetensors`` (the EMA weights when there are, options as metadata), for spandrel,
+      chaiNNer and ComfyUI.
     * Any image size: SSIU pads internally; another network with a ``pad_multiple`` attribute gets its
       input reflect-padded to that multiple in :meth:`test` and its output cropped back.
     """
@@ -268,9 +275,28 @@ class SSIUModel(SRModel):
                     time.sleep(1)
         logger.warning(f'Still cannot save {save_path}; the previous file is kept.')
 
+    def load_network(self, net, load_path: str, strict: bool = True, param_key: str | None = 'params') -> None:
+        """BasicSR's ``load_network`` reading any layout and ``.safetensors`` (see the class docstring)."""
+        logger = get_root_logger()
+        net = self.get_bare_model(net)
+        try:
+            state, _ = read_checkpoint(load_path, param_key)
+        except CheckpointError:
+            if param_key is None:
+                raise
+            state, _ = read_checkpoint(load_path)  # BasicSR falls back to params; we to any layout we read
+            logger.info(f'Loading: {load_path} has no {param_key}; using its {"/".join(STATE_KEYS)} weights.')
+        logger.info(f'Loading {net.__class__.__name__} model from {load_path}, with param key: [{param_key}].')
+        self._print_different_keys_loading(net, state, strict)
+        try:
+            net.load_state_dict(state, strict=strict)
+        except RuntimeError as err:
+            raise CheckpointError(f'{load_path}: does not fit network_g {net.__class__.__name__}: '
+                                  f'{" ".join(str(err).split())[:300]}') from None
+
     @master_only
     def save_network(self, net, net_label: str, current_iter: int, param_key='params') -> None:
-        """BasicSR's ``save_network`` (same file name and layout), written atomically."""
+        """BasicSR's ``save_network`` (same file name, plus the ``network_g`` options), written atomically."""
         label_iter = 'latest' if current_iter == -1 else current_iter
         save_path = osp.join(self.opt['path']['models'], f'{net_label}_{label_iter}.pth')
         nets = net if isinstance(net, list) else [net]
@@ -281,7 +307,16 @@ class SSIUModel(SRModel):
         for net_, key in zip(nets, param_keys):
             state_dict = self.get_bare_model(net_).state_dict()
             save_dict[key] = OrderedDict((k.removeprefix('module.'), v.cpu()) for k, v in state_dict.items())
+        options = self.opt.get(CONFIG_KEY)
+        if net_label == 'net_g' and options:
+            save_dict[CONFIG_KEY] = dict(options)
         self._save_atomic_with_retry(save_dict, save_path)
+        if net_label == 'net_g' and self.opt.get('logger', {}).get('save_safetensors'):
+            key = next(k for k in STATE_KEYS if k in save_dict)
+            try:
+                save_weights(save_path[:-len('.pth')] + '.safetensors', save_dict[key], options, 'safetensors')
+            except Exception as err:  # like a failed .pth save: logged, training goes on
+                get_root_logger().warning(f'Cannot save {save_path[:-4]}.safetensors: {err}')
 
     @master_only
     def save_training_state(self, epoch: int, current_iter: int) -> None:
