@@ -1,0 +1,24 @@
+"""What the ``ssiu`` subcommands share: reading a checkpoint with a one-line error instead of a traceback."""
+from __future__ import annotations
+
+import os
+
+from ssiu_arch.archs.ssiu_arch import SSIU
+from ssiu_arch.utils.weights import CheckpointError, load_ssiu
+
+
+def one_line(err: BaseException, limit: int = 400) -> str:
+    """``str(err)`` on one line (whitespace collapsed), cut at ``limit`` characters."""
+    text = ' '.join(str(err).split()) or type(err).__name__
+    return text if len(text) <= limit else text[:limit - 3] + '...'
+
+
+def load_weights_or_exit(path: str | os.PathLike, command: str) -> SSIU:
+    """:func:`~ssiu_arch.utils.weights.load_ssiu`, or ``SystemExit`` with one line naming ``path``."""
+    try:
+        return load_ssiu(path)
+    except CheckpointError as err:
+        raise SystemExit(f'ssiu {command}: {one_line(err)}') from None
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError, RuntimeError) as err:
+        raise SystemExit(f'ssiu {command}: {path}: not a usable SSIU checkpoint '
+                         f'({type(err).__name__}: {one_line(err)})') from None
