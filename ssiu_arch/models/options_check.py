@@ -8,9 +8,11 @@ reports them up front. Option files are parsed with PyYAML's safe loader (:func:
 from __future__ import annotations
 
 import argparse
+import ast
 import inspect
 import os
 import re
+import textwrap
 from collections import OrderedDict
 
 import torch
@@ -18,7 +20,6 @@ import yaml
 from basicsr.utils.registry import ARCH_REGISTRY, DATASET_REGISTRY, LOSS_REGISTRY, METRIC_REGISTRY, MODEL_REGISTRY
 
 _SafeLoaderBase = getattr(yaml, 'CSafeLoader', yaml.SafeLoader)
-_REQUIRED_ROOT = re.compile(r"""opt\[['"](dataroot_(?:gt|lq))['"]\]""")
 
 
 class OrderedSafeLoader(_SafeLoaderBase):
@@ -88,12 +89,24 @@ def _check_num_gpu(num_gpu: object) -> None:
 
 
 def _required_roots(dataset_type: str) -> list[str]:
-    """The ``dataroot_gt``/``dataroot_lq`` keys the dataset class reads with ``opt[...]`` (not ``opt.get``)."""
+    """The ``dataroot_gt``/``dataroot_lq`` keys that the dataset class's ``__init__`` always reads as
+    ``opt['dataroot_..']``: subscripts in its top-level statements (not under ``if``/``try``, not in f-strings)."""
     try:
-        source = inspect.getsource(DATASET_REGISTRY.get(dataset_type).__init__)
-    except (OSError, TypeError):
+        source = textwrap.dedent(inspect.getsource(DATASET_REGISTRY.get(dataset_type).__init__))
+        function = ast.parse(source).body[0]
+    except (OSError, TypeError, SyntaxError, IndexError):
         return []
-    return sorted(set(_REQUIRED_ROOT.findall(source)))
+    roots = set()
+    for statement in function.body:
+        if isinstance(statement, (ast.If, ast.Try, ast.For, ast.While, ast.With)):
+            continue
+        strings = {id(n) for f in ast.walk(statement) if isinstance(f, ast.JoinedStr) for n in ast.walk(f)}
+        for node in ast.walk(statement):
+            if (isinstance(node, ast.Subscript) and id(node) not in strings and isinstance(node.value, ast.Name)
+                    and node.value.id == 'opt' and isinstance(node.slice, ast.Constant)
+                    and node.slice.value in ('dataroot_gt', 'dataroot_lq')):
+                roots.add(node.slice.value)
+    return sorted(roots)
 
 
 def _check_datasets(opt: dict, is_train: bool) -> None:

@@ -6,25 +6,32 @@ import argparse
 import os
 from pathlib import Path
 
+from ssiu_arch.archs.ssiu_arch import SSIU
+from ssiu_arch.tools.common import load_weights_or_exit
 from ssiu_arch.utils.fileio import save_atomic
-from ssiu_arch.utils.weights import CheckpointError, infer_config, load_ssiu
+from ssiu_arch.utils.weights import infer_config, load_ssiu
 
 
-def convert(src: str | os.PathLike, dst: str | os.PathLike) -> dict[str, int]:
-    """Convert a checkpoint at ``src`` to BasicSR's ``{'params': ...}`` at ``dst``; returns its config."""
-    net = load_ssiu(src)
+def write_params(net: SSIU, dst: str | os.PathLike) -> dict[str, int]:
+    """Save ``net`` as BasicSR's ``{'params': ...}`` at ``dst`` (atomically); returns its config."""
     config = infer_config(net.state_dict())
     save_atomic({'params': net.state_dict()}, dst)
     return config
 
 
+def convert(src: str | os.PathLike, dst: str | os.PathLike) -> dict[str, int]:
+    """Convert a checkpoint at ``src`` to BasicSR's ``{'params': ...}`` at ``dst``; returns its config."""
+    return write_params(load_ssiu(src), dst)
+
+
 def _run(args: argparse.Namespace) -> int:
     if Path(args.output).exists() and not args.overwrite:
         raise SystemExit(f'ssiu convert: {args.output} exists (use --overwrite)')
+    net = load_weights_or_exit(args.checkpoint, 'convert')
     try:
-        config = convert(args.checkpoint, args.output)
-    except CheckpointError as err:
-        raise SystemExit(f'ssiu convert: {err}') from None
+        config = write_params(net, args.output)
+    except OSError as err:
+        raise SystemExit(f'ssiu convert: {args.output}: cannot write ({err.strerror or err})') from None
     print(' '.join(f'{k}={v}' for k, v in config.items()))
     print(f'wrote {args.output}')
     return 0
