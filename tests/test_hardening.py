@@ -279,3 +279,20 @@ def test_export_unsupported_opset_is_one_line(opset, message, tmp_path):
         ssiu_main(['export', str(ckpt), '--onnx', str(out), '--opset', opset])
     assert '\n' not in str(exc.value.code) and not out.exists()
     assert [p.name for p in tmp_path.iterdir()] == ['net.pth']
+
+
+@pytest.mark.parametrize('command', ['infer', 'export'])
+def test_nan_weights_give_an_error_and_no_output(command, tmp_path, capsys):
+    state = tiny_net().state_dict()
+    state['head.weight'][0, 0, 0, 0] = float('nan')
+    ckpt, image, out = tmp_path / 'nan.pth', tmp_path / 'in.png', tmp_path / 'out'
+    torch.save({'params': state}, ckpt)
+    cv2.imwrite(str(image), np.full((12, 12, 3), 128, np.uint8))
+    argv = ['infer', str(image), '-w', str(ckpt), '-o', str(out)] if command == 'infer' else \
+        ['export', str(ckpt), '--onnx', str(tmp_path / 'out.onnx')]
+    try:  # refused when the weights are loaded, or when the output is checked
+        code, message = ssiu_main(argv), capsys.readouterr().err
+    except SystemExit as exc:
+        code, message = 1, str(exc.code)
+    assert code == 1 and 'nan' in message.lower()
+    assert not list(out.glob('*.png')) and not (tmp_path / 'out.onnx').exists()

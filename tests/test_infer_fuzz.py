@@ -233,7 +233,7 @@ def test_refused_options_write_nothing(argv, message, weights, two_images, tmp_p
 def test_scale_zero_is_an_argument_error(weights, two_images, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         run(two_images, '-w', weights, '-o', tmp_path / 'out', '--scale', '0')
-    assert exc.value.code == 2 and 'must be a whole number >= 1' in capsys.readouterr().err
+    assert exc.value.code == 2 and 'expected a whole number >= 1' in capsys.readouterr().err
 
 
 def test_no_tiling_needs_no_overlap(weights, two_images, tmp_path):

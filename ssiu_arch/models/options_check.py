@@ -62,7 +62,7 @@ def _mapping(opt: dict, key: str, where: str = '') -> dict:
     return value
 
 
-def _positive_int(section: dict, key: str, where: str) -> None:
+def _check_positive_int(section: dict, key: str, where: str) -> None:
     value = section.get(key)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value or value < 1:
         state = 'missing' if key not in section else f'{value!r}'
@@ -172,19 +172,19 @@ def check_options(opt: object, is_train: bool = True) -> None:
     _check_datasets(opt, is_train)
     if is_train:
         train = _mapping(opt, 'train')
-        _positive_int(train, 'total_iter', 'train.')
+        _check_positive_int(train, 'total_iter', 'train.')
         losses = [k for k, v in train.items() if k.endswith('_opt') and isinstance(v, dict)]
         for key in losses:
             _check_registered(LOSS_REGISTRY, train[key].get('type'), f'train.{key}.type')
         logger = _mapping(opt, 'logger')
         for key in ('print_freq', 'save_checkpoint_freq'):
-            _positive_int(logger, key, 'logger.')
+            _check_positive_int(logger, key, 'logger.')
     val = opt.get('val')
     if val is not None:
         if not isinstance(val, dict):
             raise OptionsError(f'val: must be a mapping, got {val!r}')
         if is_train:
-            _positive_int(val, 'val_freq', 'val.')
+            _check_positive_int(val, 'val_freq', 'val.')
         metrics = val.get('metrics') or {}
         if not isinstance(metrics, dict):
             raise OptionsError(f'val.metrics: must be a mapping of metric names, got {metrics!r}')

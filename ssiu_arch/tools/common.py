@@ -1,6 +1,8 @@
-"""What the ``ssiu`` subcommands share: reading a checkpoint with a one-line error instead of a traceback."""
+"""What the ``ssiu`` subcommands share: reading a checkpoint with a one-line error instead of a traceback,
+and argument types."""
 from __future__ import annotations
 
+import argparse
 import os
 
 from ssiu_arch.archs.ssiu_arch import SSIU
@@ -22,3 +24,10 @@ def load_weights_or_exit(path: str | os.PathLike, command: str) -> SSIU:
     except (ValueError, KeyError, IndexError, TypeError, AttributeError, RuntimeError) as err:
         raise SystemExit(f'ssiu {command}: {path}: not a usable SSIU checkpoint '
                          f'({type(err).__name__}: {one_line(err)})') from None
+
+
+def positive_int(text: str) -> int:
+    """``argparse`` type: a whole number >= 1."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f'expected a whole number >= 1, got {text!r}')
+    return int(text)

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from ssiu_arch.tools.common import load_weights_or_exit, positive_int
 from ssiu_arch.utils.fileio import remove_stale_temporaries, write_bytes_atomic
 from ssiu_arch.utils.images import ImageError, read_image
 
@@ -279,7 +280,6 @@ def _make_output_folder(output: str) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from ssiu_arch.cpu.memory import retain_freed_memory
-    from ssiu_arch.tools.common import load_weights_or_exit
     from ssiu_arch.utils.weights import infer_config
 
     device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
@@ -324,13 +324,6 @@ def _run(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f'{text}: must be a whole number >= 1')
-    return value
-
-
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         'infer', help='super-resolve images or folders of images to PNG',
@@ -343,7 +336,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument('-w', '--weights', required=True,
                         help='BasicSR ({"params"|"params_ema": ...}) or published ({"model_state_dict": ...}) '
                              'checkpoint')
-    parser.add_argument('-s', '--scale', type=_positive_int,
+    parser.add_argument('-s', '--scale', type=positive_int,
                         help='expected scale factor; an error if the weights differ (default: that of the weights)')
     parser.add_argument('-o', '--output', default='results', help='output folder (default: %(default)s)')
     parser.add_argument('--suffix', default=DEFAULT_SUFFIX,
