@@ -23,12 +23,16 @@ class DataPrepError(ValueError):
 
 
 def list_images(folder: str | os.PathLike) -> list[Path]:
-    """Image files directly inside ``folder`` (hidden files skipped), sorted by name."""
+    """Image files directly inside ``folder`` (hidden files skipped), sorted by name.
+
+    Entries with an image extension that are not regular files (broken symbolic links, FIFOs) are listed
+    too, so that reading them fails with their name instead of their being left out without a word.
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise DataPrepError(f'{folder}: no such folder')
     paths = sorted(p for p in folder.iterdir()
-                   if p.is_file() and not p.name.startswith('.') and p.suffix.lower() in IMAGE_EXTENSIONS)
+                   if not p.is_dir() and not p.name.startswith('.') and p.suffix.lower() in IMAGE_EXTENSIONS)
     if not paths:
         raise DataPrepError(f'{folder}: no image files ({", ".join(IMAGE_EXTENSIONS)})')
     return paths

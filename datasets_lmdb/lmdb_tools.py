@@ -109,7 +109,7 @@ def build_lmdb(folder: str | os.PathLike, lmdb_path: str | os.PathLike, compress
         shutil.rmtree(tmp)
     lmdb_path.parent.mkdir(parents=True, exist_ok=True)
     tmp.mkdir()
-    total_bytes = sum(p.stat().st_size for p in paths)
+    total_bytes = sum(p.stat().st_size for p in paths if p.is_file())  # others fail by name when read
     current = None
     try:
         writer = _Writer(tmp, map_size or max(_MIN_MAP_SIZE, 4 * total_bytes), batch)

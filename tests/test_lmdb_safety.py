@@ -49,6 +49,17 @@ def test_float_tiff_refused_by_build_and_verify(tmp_path, capsys):
     assert 'b.tif: float32 samples' in capsys.readouterr().out
 
 
+def test_broken_link_in_the_folder_is_named_not_skipped(tmp_path, capsys):
+    folder = tmp_path / 'imgs'
+    folder.mkdir()
+    cv2.imwrite(str(folder / 'a.png'), noise(8, 8, 3))
+    (folder / 'b.png').symlink_to(tmp_path / 'moved_away.png')
+    with pytest.raises(DataPrepError, match=r'b\.png: broken symbolic link'):
+        build_lmdb(folder, tmp_path / 'out.lmdb', progress=False)
+    assert ssiu_main(['lmdb', 'verify', str(folder), '--quiet']) == 1
+    assert 'b.png: broken symbolic link' in capsys.readouterr().out
+
+
 def test_deep_alpha_and_gray_images_stored_exactly(tmp_path):
     folder = tmp_path / 'imgs'
     folder.mkdir()

@@ -184,7 +184,7 @@ def collect_inputs(paths: list[str | os.PathLike]) -> list[Path]:
 
 
 def check_suffix(suffix: str) -> None:
-    """Refuse an output-name suffix that would leave the output folder (path separators) or is not a name."""
+    """Refuse an output-name suffix with a path separator (it would write outside the folder) or a NUL."""
     separators = {'/', '\\', os.sep, os.altsep or '/'}
     if any(sep in suffix for sep in separators) or '\0' in suffix:
         raise ValueError(f'--suffix {suffix!r}: must not contain path separators (outputs stay in the output folder)')
