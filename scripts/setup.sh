@@ -9,3 +9,5 @@ PYTHON=${PYTHON:-python3}
 # torch first, pinned: its CPU wheel is small, and basicsr's sdist needs torch at build time.
 "$VENV/bin/python" -m pip install --quiet torch==2.13.0 torchvision==0.28.0
 "$VENV/bin/python" -m pip install --quiet --no-build-isolation -e '.[dev]'
+# Compile the CPU kernels now (cached per torch and Python, see README "Compiled kernels"), not in the first test.
+"$VENV/bin/python" -c 'from ssiu_arch.cpu import kernels; print(kernels.status_line())'

@@ -20,8 +20,9 @@ from ssiu_arch.tools.cli import ssiu_main
 from ssiu_arch.utils.images import read_image
 
 RNG = np.random.default_rng(0)
-# ``ssiu`` in a child process, so that a SIGBUS there could not take pytest down with it.
-SSIU_CLI = 'import sys, ssiu_arch.models; from ssiu_arch.tools.cli import ssiu_main; sys.exit(ssiu_main(sys.argv[1:]))'
+# ``ssiu`` in a fresh child process (a SIGBUS there cannot take pytest down); it must not need BasicSR.
+SSIU_CLI = ('import sys; from ssiu_arch.tools.cli import ssiu_main; code = ssiu_main(sys.argv[1:]); '
+            "assert 'basicsr' not in sys.modules; sys.exit(code)")
 
 
 def stored(lmdb_path: Path) -> dict[str, np.ndarray]:

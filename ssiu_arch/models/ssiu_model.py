@@ -15,10 +15,7 @@ Add ``ssim_opt`` (:class:`~ssiu_arch.losses.SSIMUnfoldingLoss`) and/or ``moe_opt
 """
 from __future__ import annotations
 
-import csv
 import inspect
-import io
-import json
 import time
 from collections import OrderedDict
 from os import path as osp
@@ -36,7 +33,8 @@ from tqdm import tqdm
 
 from ssiu_arch.archs.ssiu_arch import SSIU, pad_to_multiple
 from ssiu_arch.datasets_lmdb.imresize import imresize
-from ssiu_arch.utils.fileio import save_atomic, write_text_atomic
+from ssiu_arch.evaluation.metrics_schema import make_metrics, write_metrics
+from ssiu_arch.utils.fileio import save_atomic
 
 __all__ = ['SSIUModel']
 
@@ -72,15 +70,8 @@ class SSIUModel(SRModel):
       ``.state``, so auto-resume never picks a half-written state.
     * Validation: besides BasicSR's log and best-metric tracking, per-image and mean metrics go to
       ``<path.log>/metrics_<dataset>.json`` and ``.csv`` (rewritten at every validation), computed with
-      BasicSR's ``calculate_metric`` on ``tensor2img`` outputs as SRModel does. JSON schema::
-
-          {"name": str, "model": network class, "scale": int, "dataset": str, "crop_border": int,
-           "test_y_channel": bool, "iter": current_iter, "metrics": [metric names],
-           "images": [{"name": str, <metric>: float, ...}], "mean": {<metric>: float, ...}}
-
-      ``crop_border`` and ``test_y_channel`` come from the first metric's options; ``iter`` is the
-      iteration during training and, as BasicSR passes it, the option name under ``basicsr test``. The
-      CSV has one row per image (columns ``name`` and the metrics).
+      BasicSR's ``calculate_metric`` on ``tensor2img`` outputs as SRModel does. They are built, checked
+      and written by :mod:`ssiu_arch.evaluation.metrics_schema`, the schema ``ssiu results`` reads.
     * ``val.bicubic_baseline: true`` also logs, per validation set, the metrics of MATLAB bicubic upscaling
       of the same LR images (measured once, with the same metric options), so a log shows what the
       network must beat.
@@ -250,30 +241,19 @@ class SSIUModel(SRModel):
         return osp.join(self.opt['path']['visualization'], dataset_name, f'{img_name}_{suffix}.png')
 
     def _write_metrics(self, dataset_name: str, current_iter, images: list[dict]) -> None:
-        """Write ``metrics_<dataset>.json`` and ``.csv`` beside the log (schema in the class docstring)."""
+        """Write ``metrics_<dataset>.json`` and ``.csv`` beside the log, through the metrics schema."""
         metrics_opt = self.opt['val']['metrics']
         first = next(iter(metrics_opt.values()))
         names = list(metrics_opt)
-        record = {
-            'name': self.opt['name'],
-            'model': type(self.get_bare_model(self.net_g)).__name__,
-            'scale': int(self.opt.get('scale', 1)),
-            'dataset': dataset_name,
-            'crop_border': int(first.get('crop_border', 0)),
-            'test_y_channel': bool(first.get('test_y_channel', False)),
-            'iter': current_iter,
-            'metrics': names,
-            'images': images,
-            'mean': {name: float(self.metric_results[name]) for name in names},
-        }
-        stem = osp.join(self.opt['path']['log'], f'metrics_{dataset_name}')
-        write_text_atomic(f'{stem}.json', json.dumps(record, indent=2) + '\n')
-        table = io.StringIO()
-        writer = csv.DictWriter(table, fieldnames=['name', *names], lineterminator='\n')
-        writer.writeheader()
-        writer.writerows(images)
-        write_text_atomic(f'{stem}.csv', table.getvalue())
-        get_root_logger().info(f'Per-image metrics of {dataset_name} written to {stem}.json and .csv')
+        doc = make_metrics(name=self.opt['name'], model=type(self.get_bare_model(self.net_g)).__name__,
+                           scale=int(self.opt.get('scale', 1)), dataset=dataset_name,
+                           crop_border=int(first.get('crop_border', 0)),
+                           test_y_channel=bool(first.get('test_y_channel', False)), iter=current_iter,
+                           metrics=names, images=images,
+                           mean={name: float(self.metric_results[name]) for name in names},
+                           origin=f'validation of {dataset_name}')
+        path = write_metrics(self.opt['path']['log'], doc)
+        get_root_logger().info(f'Per-image metrics of {dataset_name} written to {path} and .csv')
 
     def _save_atomic_with_retry(self, obj: object, save_path: str) -> None:
         """``save_atomic`` with BasicSR's three attempts; a failed save is logged and skipped, as in BasicSR."""

@@ -32,6 +32,7 @@ import yaml
 from torch import nn
 
 from ssiu_arch import archs
+from ssiu_arch.cpu import kernels
 from ssiu_arch.cpu.memory import retain_freed_memory
 from ssiu_arch.tools.common import positive_int
 from ssiu_arch.utils.fileio import write_text_atomic
@@ -236,6 +237,7 @@ def _run(args: argparse.Namespace) -> int:
     malloc = 'default' if args.default_malloc else 'retain freed memory'
     print(f'machine: {machine_description()}; threads {args.threads}; malloc {malloc}; load average '
           f'{load_average()}', flush=True)
+    print(kernels.status_line(), flush=True)
     rows = []
     for arch in args.arch:
         for scale in args.scale:

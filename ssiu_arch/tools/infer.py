@@ -279,6 +279,7 @@ def _make_output_folder(output: str) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from ssiu_arch.cpu import kernels
     from ssiu_arch.cpu.memory import retain_freed_memory
     from ssiu_arch.utils.weights import infer_config
 
@@ -296,6 +297,7 @@ def _run(args: argparse.Namespace) -> int:
         raise SystemExit(f'ssiu infer: {err}') from None
     if device == 'cpu':  # feature maps are reused instead of zero-filled afresh: up to 2x faster (ssiu bench)
         retain_freed_memory()
+        print(kernels.status_line(), flush=True)
     net = load_weights_or_exit(args.weights, 'infer')
     try:
         check_tiling(args.tile, args.tile_overlap, getattr(net, 'pad_multiple', 1))
