@@ -44,6 +44,8 @@ setup(
         'matplotlib>=3.7',
         'numpy>=1.24',
         'opencv-python>=4.8',
+        # The EXIF orientation tag of photos (ssiu_arch/utils/images.py); OpenCV skips it when keeping alpha/depth.
+        'pillow>=9.1',
         'pyyaml>=6.0',
         'safetensors>=0.4',
         'tqdm>=4.60',

@@ -8,8 +8,11 @@ releases run untouched:
   imports again (only ``torchvision.ops.nms``/``deform_conv2d`` stay unavailable).
 * basicsr 1.4.2 imports ``torchvision.transforms.functional_tensor``, removed in torchvision 0.17
   (BasicSR issues #533 and #663): we register an alias exposing ``rgb_to_grayscale``.
-* ``basicsr.train.load_resume_state`` maps the state to ``torch.cuda.current_device()``: without
-  CUDA we load it to the CPU instead.
+* ``basicsr.train.load_resume_state`` maps the state to ``torch.cuda.current_device()`` and unpickles
+  whatever the file holds: we load it with ``weights_only=True`` (a training state is only tensors,
+  numbers, lists and dicts), to the CPU when there is no CUDA, and name the file when it cannot be read.
+* ``basicsr.utils.options.ordered_yaml`` uses PyYAML's full loader, which runs ``!!python/...`` tags: we
+  give it a safe loader (plain YAML values only) that keeps the mapping order.
 * ``basicsr.utils.dist_util.init_dist`` hard-codes NCCL and CUDA devices: without CUDA we use gloo.
 
 The model-level gaps (optimizers other than Adam, DDP ``device_ids`` on CPU, atomic checkpoints) are
@@ -40,8 +43,16 @@ def _alias_functional_tensor() -> None:
         sys.modules[name] = alias
 
 
-def load_resume_state_to_cpu(opt: dict) -> dict | None:
-    """CPU counterpart of ``basicsr.train.load_resume_state`` (same lookup, CPU map location)."""
+class ResumeStateError(SystemExit):
+    """A resume state that cannot be loaded; raised as ``SystemExit`` so the run stops with one line."""
+
+
+def load_resume_state(opt: dict) -> dict | None:
+    """``basicsr.train.load_resume_state`` (same lookup), reading tensors only (``weights_only=True``).
+
+    States go to the current CUDA device when there is one, else to the CPU. A file that is not a
+    tensors-only state (a crafted pickle, a truncated or foreign file) stops the run with its path.
+    """
     from basicsr.utils import scandir
     from basicsr.utils.misc import check_resume
 
@@ -49,13 +60,24 @@ def load_resume_state_to_cpu(opt: dict) -> dict | None:
     if opt['auto_resume']:
         state_dir = os.path.join('experiments', opt['name'], 'training_states')
         if os.path.isdir(state_dir):
-            iters = [int(name.split('.state')[0]) for name in scandir(state_dir, suffix='.state', recursive=False)]
+            iters = [int(name.split('.state')[0]) for name in scandir(state_dir, suffix='.state', recursive=False)
+                     if name.split('.state')[0].isdigit()]
             if iters:
                 resume_state_path = os.path.join(state_dir, f'{max(iters)}.state')
                 opt['path']['resume_state'] = resume_state_path
     if resume_state_path is None:
         return None
-    resume_state = torch.load(resume_state_path, map_location='cpu', weights_only=False)
+    device = f'cuda:{torch.cuda.current_device()}' if torch.cuda.is_available() else 'cpu'
+    try:
+        resume_state = torch.load(resume_state_path, map_location=device, weights_only=True)
+    except FileNotFoundError:
+        raise ResumeStateError(f'path.resume_state: {resume_state_path}: no such file') from None
+    except Exception as err:  # pickle.UnpicklingError for code, RuntimeError/EOFError for damaged files
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ResumeStateError(f'{resume_state_path}: not a training state that loads as tensors only '
+                               f'(weights_only=True): {reason}') from None
+    if not isinstance(resume_state, dict) or not isinstance(resume_state.get('iter'), int):
+        raise ResumeStateError(f'{resume_state_path}: not a BasicSR training state (no integer "iter")')
     check_resume(opt, resume_state['iter'])
     return resume_state
 
@@ -86,12 +108,15 @@ def apply() -> None:
     """Apply every fix that the installed versions and the machine need; safe to call repeatedly."""
     import_torchvision()
     _alias_functional_tensor()
-    if torch.cuda.is_available():
-        return
     import basicsr.train
     import basicsr.utils.dist_util
     import basicsr.utils.options
 
-    basicsr.train.load_resume_state = load_resume_state_to_cpu
+    from ssiu_arch.models.options_check import ordered_safe_yaml
+
+    basicsr.train.load_resume_state = load_resume_state
+    basicsr.utils.options.ordered_yaml = ordered_safe_yaml
+    if torch.cuda.is_available():
+        return
     basicsr.utils.dist_util.init_dist = init_dist_cpu
     basicsr.utils.options.init_dist = init_dist_cpu

@@ -6,7 +6,8 @@ import argparse
 import os
 from pathlib import Path
 
-from ssiu_arch.utils.weights import CheckpointError, build_network, save_weights
+from ssiu_arch.tools.common import load_weights_or_exit
+from ssiu_arch.utils.weights import build_network, save_weights
 
 FORMATS = ('pth', 'safetensors')
 
@@ -27,10 +28,11 @@ def _run(args: argparse.Namespace) -> int:
                          f'{Path(args.output).with_suffix(expected).name}')
     if Path(args.output).exists() and not args.overwrite:
         raise SystemExit(f'ssiu convert: {args.output} exists (use --overwrite)')
+    net, options = load_weights_or_exit(args.checkpoint, 'convert', load=build_network)
     try:
-        options = convert(args.checkpoint, args.output, fmt)
-    except CheckpointError as err:
-        raise SystemExit(f'ssiu convert: {err}') from None
+        save_weights(args.output, net.state_dict(), options, fmt)
+    except OSError as err:
+        raise SystemExit(f'ssiu convert: {args.output}: cannot write ({err.strerror or err})') from None
     print(' '.join(f'{k}={v}' for k, v in options.items()))
     print(f'wrote {args.output}')
     return 0

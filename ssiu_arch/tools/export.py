@@ -10,6 +10,7 @@ input, so the tracer's warnings about them are silenced here.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import warnings
 from pathlib import Path
@@ -17,11 +18,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ssiu_arch.tools.common import load_weights_or_exit, one_line
 from ssiu_arch.utils.fileio import replace_atomic
-from ssiu_arch.utils.weights import CheckpointError, load_ssiu
+from ssiu_arch.utils.weights import infer_config
 
 # (height, width) inputs on which the written model is compared with PyTorch: odd, unequal, not multiples of 16.
 VERIFY_SIZES = ((17, 23), (31, 40))
+# The attention's scaled_dot_product_attention has an ONNX form from opset 14 on.
+MIN_OPSET = 14
 
 
 class ExportError(RuntimeError):
@@ -36,9 +40,15 @@ def export_onnx(net: nn.Module, path: str | os.PathLike, opset: int = 17, sample
     Input ``lr`` (N, in_ch, H, W) and output ``sr`` (N, out_ch, sH, sW) have dynamic N, H and W. With
     ``verify_sizes``, the model is run by onnxruntime on those (height, width) sizes before it is moved into
     place, and :class:`ExportError` is raised (leaving no file) if it differs from PyTorch by more than ``atol``.
+    A network whose output is not finite (NaN/Inf weights), an opset the exporter or the network cannot use,
+    and any exporter failure also raise :class:`ExportError` and write nothing.
     """
     path = Path(path)
+    if opset < MIN_OPSET:
+        raise ExportError(f'opset {opset}: SSIU needs opset {MIN_OPSET} or later (its attention)')
     sample = torch.rand(1, in_ch, *sample_hw)
+    with torch.inference_mode():
+        _check_finite(net.eval()(sample), 'PyTorch')
     errors = []
 
     def write(tmp: Path) -> None:
@@ -47,11 +57,14 @@ def export_onnx(net: nn.Module, path: str | os.PathLike, opset: int = 17, sample
             warnings.filterwarnings('ignore', category=DeprecationWarning, module=r'torch\.onnx')
             warnings.filterwarnings('ignore', message='.*legacy TorchScript-based ONNX export')
             warnings.filterwarnings('ignore', message='Constant folding - Only steps=1')
-            torch.onnx.export(
-                net.eval(), (sample,), str(tmp), dynamo=False, opset_version=opset,
-                input_names=['lr'], output_names=['sr'],
-                dynamic_axes={'lr': {0: 'batch', 2: 'height', 3: 'width'},
-                              'sr': {0: 'batch', 2: 'sr_height', 3: 'sr_width'}})
+            try:
+                torch.onnx.export(
+                    net.eval(), (sample,), str(tmp), dynamo=False, opset_version=opset,
+                    input_names=['lr'], output_names=['sr'],
+                    dynamic_axes={'lr': {0: 'batch', 2: 'height', 3: 'width'},
+                                  'sr': {0: 'batch', 2: 'sr_height', 3: 'sr_width'}})
+            except (torch.onnx.OnnxExporterError, RuntimeError, ValueError) as err:
+                raise ExportError(f'opset {opset}: the ONNX exporter failed: {one_line(err)}') from None
         if verify_sizes:
             errors.append(onnx_max_error(net, tmp, verify_sizes, in_ch=in_ch))
             if errors[-1] > atol:
@@ -59,6 +72,12 @@ def export_onnx(net: nn.Module, path: str | os.PathLike, opset: int = 17, sample
 
     replace_atomic(path, write)
     return errors[-1] if errors else None
+
+
+def _check_finite(output: torch.Tensor, runtime: str) -> None:
+    if not torch.isfinite(output).all():
+        raise ExportError(f'{runtime} output holds NaN or Inf on a random input (non-finite weights?); '
+                          'nothing written')
 
 
 def onnx_max_error(net: nn.Module, path: str | os.PathLike, sizes: tuple[tuple[int, int], ...] = VERIFY_SIZES,
@@ -78,7 +97,12 @@ def onnx_max_error(net: nn.Module, path: str | os.PathLike, sizes: tuple[tuple[i
         if got.shape != expected.shape:
             raise ExportError(f'{path}: output {tuple(got.shape)} for input {tuple(x.shape)}, '
                               f'PyTorch gives {tuple(expected.shape)}')
-        error = max(error, (got - expected).abs().max().item())
+        _check_finite(expected, 'PyTorch')
+        _check_finite(got, 'onnxruntime')
+        difference = (got - expected).abs().max().item()
+        if not math.isfinite(difference):  # cannot happen after the checks; max() would drop a NaN
+            raise ExportError(f'{path}: onnxruntime vs PyTorch difference is {difference}')
+        error = max(error, difference)
     return error
 
 
@@ -88,11 +112,15 @@ def _run(args: argparse.Namespace) -> int:
         raise SystemExit(f'ssiu export: {out} exists (use --overwrite)')
     if not out.parent.is_dir():
         raise SystemExit(f'ssiu export: --onnx {out}: folder does not exist')
+    net = load_weights_or_exit(args.checkpoint, 'export')
+    in_ch = infer_config(net.state_dict())['num_in_ch']
     try:
-        net = load_ssiu(args.checkpoint)
-        error = export_onnx(net, out, opset=args.opset, verify_sizes=None if args.no_verify else VERIFY_SIZES)
-    except (CheckpointError, ExportError) as err:
-        raise SystemExit(f'ssiu export: {err}') from None
+        error = export_onnx(net, out, opset=args.opset, in_ch=in_ch,
+                            verify_sizes=None if args.no_verify else VERIFY_SIZES)
+    except ExportError as err:
+        raise SystemExit(f'ssiu export: {args.checkpoint}: {err}') from None
+    except OSError as err:
+        raise SystemExit(f'ssiu export: --onnx {out}: cannot write ({err.strerror or err})') from None
     print(f'wrote {out} (opset {args.opset}; dynamic batch, height and width)')
     if error is not None:
         sizes = ', '.join(f'{w}x{h}' for h, w in VERIFY_SIZES)
@@ -104,11 +132,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         'export', help='export an SSIU checkpoint to ONNX (dynamic batch/height/width)',
         description='Trace an SSIU checkpoint (published or BasicSR layout) into an ONNX model whose input "lr" '
-                    '(N, 3, H, W) in [0, 1] has dynamic N, H and W (any size), then check it with onnxruntime '
-                    'against PyTorch on two odd sizes.')
+                    '(N, C, H, W) in [0, 1] (C = 3, or 1 for gray-input weights) has dynamic N, H and W (any '
+                    'size), then check it with onnxruntime against PyTorch on two odd sizes. Weights that give '
+                    'NaN or Inf are refused.')
     parser.add_argument('checkpoint', help='SSIU checkpoint (.pth / .pt)')
     parser.add_argument('--onnx', required=True, metavar='OUT.onnx', help='ONNX file to write')
-    parser.add_argument('--opset', type=int, default=17, help='ONNX opset (default 17)')
+    parser.add_argument('--opset', type=int, default=17, help=f'ONNX opset, {MIN_OPSET} or later (default 17)')
     parser.add_argument('--no-verify', action='store_true', help='skip the onnxruntime comparison')
     parser.add_argument('--overwrite', action='store_true', help='replace an existing output file')
     parser.set_defaults(func=_run)
