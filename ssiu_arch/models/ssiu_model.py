@@ -36,11 +36,50 @@ from ssiu_arch.datasets_lmdb.imresize import imresize
 from ssiu_arch.evaluation.metrics_schema import make_metrics, write_metrics
 from ssiu_arch.utils.fileio import save_atomic
 
-__all__ = ['SSIUModel']
+__all__ = ['SSIUModel', 'compile_options', 'mixed_precision_dtype']
 
 # train.<key> -> (attribute, log name) of each loss SSIUModel builds
 LOSSES = OrderedDict([('pixel_opt', ('cri_pix', 'l_pix')), ('fft_opt', ('cri_fft', 'l_fft')),
                       ('ssim_opt', ('cri_ssim', 'l_ssim')), ('moe_opt', ('cri_moe', 'l_moe'))])
+
+# train.mixed_precision -> autocast dtype
+MIXED_PRECISION = {'bf16': torch.bfloat16, 'fp16': torch.float16}
+
+
+def compile_options(opt: dict) -> dict | None:
+    """``network_g_compile`` as ``torch.compile`` keywords, or None for an eager training step.
+
+    Raises ``ValueError`` naming the key for a value that is not a bool or a dict of ``torch.compile`` keywords.
+    """
+    value = opt.get('network_g_compile', False)
+    if value is None or value is False:
+        return None
+    if value is True:
+        return {}
+    if not isinstance(value, dict):
+        raise ValueError(f'network_g_compile: expected true, false or a dict of torch.compile keywords, got {value!r}')
+    known = [name for name in inspect.signature(torch.compile).parameters if name != 'model']
+    unknown = [key for key in value if key not in known]
+    if unknown:
+        raise ValueError(f'network_g_compile.{unknown[0]}: not a torch.compile keyword; it takes {", ".join(known)}')
+    return dict(value)
+
+
+def mixed_precision_dtype(opt: dict, device_type: str) -> torch.dtype | None:
+    """The autocast dtype of ``train.mixed_precision`` on ``device_type`` (``'cpu'``/``'cuda'``), None for float32.
+
+    Raises ``ValueError`` naming the key for an unknown value, fp16 on the CPU, or bf16 on a GPU without it.
+    """
+    value = (opt.get('train') or {}).get('mixed_precision', False)
+    if value is None or value is False:
+        return None
+    if value not in MIXED_PRECISION:
+        raise ValueError(f'train.mixed_precision: expected false, bf16 or fp16, got {value!r}')
+    if value == 'fp16' and device_type != 'cuda':
+        raise ValueError('train.mixed_precision: fp16 needs a CUDA device (num_gpu > 0); on the CPU use bf16 or false')
+    if value == 'bf16' and device_type == 'cuda' and not torch.cuda.is_bf16_supported():
+        raise ValueError('train.mixed_precision: this GPU does not support bf16; use fp16 or false')
+    return MIXED_PRECISION[value]
 
 
 @MODEL_REGISTRY.register()
@@ -77,9 +116,26 @@ class SSIUModel(SRModel):
       network must beat.
     * Any image size: SSIU pads internally; another network with a ``pad_multiple`` attribute gets its
       input reflect-padded to that multiple in :meth:`test` and its output cropped back.
+
+    Training step options (checked when the model is built; a bad value raises ``ValueError`` naming the key):
+
+    * ``network_g_compile`` (top level, beside ``network_g``; default ``false``): ``true`` runs the training
+      forward through ``torch.compile`` with its defaults, a dict passes its keys to ``torch.compile``
+      (e.g. ``{dynamic: false, mode: max-autotune}``). Only the training step is compiled: ``net_g`` itself
+      stays the plain module, so validation and testing run eagerly at any image size, checkpoints keep the
+      plain state-dict keys (no ``_orig_mod.``) and EMA tracks the plain module. Under DDP the DDP-wrapped
+      network is compiled, as torch recommends (its DDPOptimizer splits graphs at gradient buckets).
+      Compiling costs time at the first iteration; ``benchmarks/bench_train.py`` prints after how many
+      steps it pays off.
+    * ``train.mixed_precision`` (default ``false``): ``bf16`` or ``fp16`` runs the training forward under
+      ``torch.autocast``; the output is cast back to float32 before the losses. ``fp16`` needs CUDA and
+      scales the loss with ``torch.amp.GradScaler``; ``bf16`` needs no scaler and also works on the CPU.
+      Validation and testing stay in float32.
     """
 
     def init_training_settings(self) -> None:
+        compile_kwargs = compile_options(self.opt)
+        self.amp_dtype = mixed_precision_dtype(self.opt, self.device.type)
         self.net_g.train()
         train_opt = self.opt['train']
         self.ema_decay = train_opt.get('ema_decay', 0)
@@ -95,6 +151,21 @@ class SSIUModel(SRModel):
         self._build_losses(train_opt)
         self.setup_optimizers()
         self.setup_schedulers()
+        self._setup_training_step(compile_kwargs)
+
+    def _setup_training_step(self, compile_kwargs: dict | None) -> None:
+        """The network the training step calls (``net_g``, or ``net_g`` compiled) and the fp16 loss scaler."""
+        logger = get_root_logger()
+        self.net_g_train = self.net_g
+        if compile_kwargs is not None:
+            self.net_g_train = torch.compile(self.net_g, **compile_kwargs)
+            kwargs = ', '.join(f'{k}={v!r}' for k, v in compile_kwargs.items())
+            logger.info(f'Training forward compiled with torch.compile({kwargs}); the first iterations include '
+                        'the compilation')
+        self.grad_scaler = torch.amp.GradScaler(self.device.type) if self.amp_dtype == torch.float16 else None
+        if self.amp_dtype is not None:
+            logger.info(f'Mixed precision: {self.opt["train"]["mixed_precision"]} autocast for the training forward on '
+                        f'{self.device.type}, losses in float32' + (', loss scaling' if self.grad_scaler else ''))
 
     def _build_losses(self, train_opt: dict) -> None:
         unknown = [k for k, v in train_opt.items() if k.endswith('_opt') and k not in LOSSES and v]
@@ -138,10 +209,18 @@ class SSIUModel(SRModel):
     def optimize_parameters(self, current_iter: int) -> None:
         self.optimizer_g.zero_grad()
         aux = {}
-        if self.use_aux:  # call the (possibly DDP-wrapped) net_g so that gradients are synchronised
-            self.output, aux = self.net_g(self.lq, return_aux=True)
-        else:
-            self.output = self.net_g(self.lq)
+        # net_g_train is net_g (possibly DDP-wrapped, so gradients are synchronised) or net_g compiled
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            if self.use_aux:
+                self.output, aux = self.net_g_train(self.lq, return_aux=True)
+            else:
+                self.output = self.net_g_train(self.lq)
+        if self.amp_dtype is not None:  # losses in float32: half-precision FFTs and sums lose accuracy
+            self.output = self.output.float()
+            if aux:  # half-precision gates sum to 1 only within ~1e-2: renormalised over the experts
+                gates = aux['gates'].float()
+                aux = {'gates': gates / gates.sum(dim=1, keepdim=True),
+                       'step_outputs': [step.float() for step in aux['step_outputs']]}
 
         loss_dict = OrderedDict()
         if self.cri_pix:
@@ -154,8 +233,13 @@ class SSIUModel(SRModel):
             loss_dict['l_moe'] = self.cri_moe(aux['gates'])
         l_total = sum(loss_dict.values())
         loss_dict['l_total'] = l_total
-        l_total.backward()
-        self.optimizer_g.step()
+        if self.grad_scaler is not None:
+            self.grad_scaler.scale(l_total).backward()
+            self.grad_scaler.step(self.optimizer_g)
+            self.grad_scaler.update()
+        else:
+            l_total.backward()
+            self.optimizer_g.step()
 
         self.log_dict = self.reduce_loss_dict(loss_dict)
         if self.ema_decay > 0:
