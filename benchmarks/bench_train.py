@@ -247,11 +247,13 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == 'cuda' and not torch.cuda.is_available():
         parser.error('--device cuda: torch sees no CUDA device')
     torch.set_num_threads(args.threads)
+    if device.type == 'cuda':  # float32 for the comparison: no TF32 convolutions
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     torch.manual_seed(0)
 
     config = {'scale': 2, 'n_feats': args.num_feat, 'n_blocks': args.num_block, 'num_heads': 4, 'colors': 3}
     lq, gt = training_batch(args.batch, args.size, config['scale'])
-    where = torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{args.threads} threads'
+    where = f'{torch.cuda.get_device_name(device)}, TF32 off' if device.type == 'cuda' else f'{args.threads} threads'
     print(f'machine: {machine_description()}; torch {torch.__version__}; {device.type}: {where}')
     print(f'step: x2, batch {args.batch} of {args.size}x{args.size} LR, AdamW, L1 + 0.01 FFT; SSIU num_feat '
           f'{args.num_feat}, num_block {args.num_block}; {args.runs} timed steps per network and variant')

@@ -128,9 +128,10 @@ class SSIUModel(SRModel):
       Compiling costs time at the first iteration; ``benchmarks/bench_train.py`` prints after how many
       steps it pays off.
     * ``train.mixed_precision`` (default ``false``): ``bf16`` or ``fp16`` runs the training forward under
-      ``torch.autocast``; the output is cast back to float32 before the losses. ``fp16`` needs CUDA and
-      scales the loss with ``torch.amp.GradScaler``; ``bf16`` needs no scaler and also works on the CPU.
-      Validation and testing stay in float32.
+      ``torch.autocast``; the output and the auxiliary outputs (MoE gates renormalised) are cast back to
+      float32 before the losses. ``fp16`` needs CUDA and scales the loss with ``torch.amp.GradScaler`` (whose
+      state is not saved: a resumed run starts from its initial scale); ``bf16`` needs no scaler and also works
+      on the CPU. Validation and testing stay in float32.
     """
 
     def init_training_settings(self) -> None:
