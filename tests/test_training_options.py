@@ -7,8 +7,10 @@ from pathlib import Path
 import cv2
 import pytest
 import torch
+import torch.distributed as dist
 from basicsr.data.paired_image_dataset import PairedImageDataset
 from basicsr.models import build_model
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from ssiu_arch.archs.ssiu_arch import SSIU
@@ -122,6 +124,24 @@ def test_compiled_step_matches_eager(tmp_path):
         assert compiled_log[name] == pytest.approx(value, rel=1e-5), name
     for name, grad in eager_grads.items():
         assert relative(compiled_grads[name], grad) <= 1e-5, name
+
+
+def test_under_ddp_the_compiled_network_is_inside_ddp_and_validation_and_saving_stay_plain(tmp_path):
+    dist.init_process_group('gloo', init_method=f'file://{tmp_path / "store"}', rank=0, world_size=1)
+    try:
+        opt = make_opt(tmp_path, network_g_compile=True)
+        opt['dist'] = True
+        model = build_model(opt)
+        assert isinstance(model.net_g, DistributedDataParallel) and model.net_g_train is model.net_g
+        assert model.net_g.module is not model.get_bare_model(model.net_g)
+        assert isinstance(model.get_bare_model(model.net_g), SSIU)
+        model.validation(odd_size_val_loader(tmp_path), current_iter=0, tb_logger=None, save_img=False)
+        assert math.isfinite(model.metric_results['psnr'])
+        model.save(epoch=0, current_iter=0)
+        (path,) = (tmp_path / 'models').glob('net_g_0.*')
+        SSIU(upscale=2, num_feat=16, num_block=3).load_state_dict(read_state_dict(path, 'params'), strict=True)
+    finally:
+        dist.destroy_process_group()
 
 
 def test_bf16_autocast_on_cpu_trains_with_finite_float32_losses(tmp_path):

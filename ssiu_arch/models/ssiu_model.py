@@ -28,7 +28,7 @@ from basicsr.models.sr_model import SRModel
 from basicsr.utils import get_root_logger, imwrite, tensor2img
 from basicsr.utils.dist_util import master_only
 from basicsr.utils.registry import MODEL_REGISTRY
-from torch.nn.parallel import DistributedDataParallel
+from torch.nn.parallel import DataParallel, DistributedDataParallel
 from tqdm import tqdm
 
 from ssiu_arch.archs.ssiu_arch import SSIU, pad_to_multiple
@@ -123,8 +123,9 @@ class SSIUModel(SRModel):
       forward through ``torch.compile`` with its defaults, a dict passes its keys to ``torch.compile``
       (e.g. ``{dynamic: false, mode: max-autotune}``). Only the training step is compiled: ``net_g`` itself
       stays the plain module, so validation and testing run eagerly at any image size, checkpoints keep the
-      plain state-dict keys (no ``_orig_mod.``) and EMA tracks the plain module. Under DDP the DDP-wrapped
-      network is compiled, as torch recommends (its DDPOptimizer splits graphs at gradient buckets).
+      plain state-dict keys (no ``_orig_mod.``) and EMA tracks the plain module. Under DDP, DDP wraps the
+      compiled network, as torch's guide to where to apply ``torch.compile`` recommends, and validation
+      calls the plain network inside both wrappers.
       Compiling costs time at the first iteration; ``benchmarks/bench_train.py`` prints after how many
       steps it pays off.
     * ``train.mixed_precision`` (default ``false``): ``bf16`` or ``fp16`` runs the training forward under
@@ -159,7 +160,11 @@ class SSIUModel(SRModel):
         logger = get_root_logger()
         self.net_g_train = self.net_g
         if compile_kwargs is not None:
-            self.net_g_train = torch.compile(self.net_g, **compile_kwargs)
+            if isinstance(self.net_g, DataParallel):
+                raise ValueError('network_g_compile: torch.compile does not support DataParallel (num_gpu > 1 '
+                                 'without a launcher); launch with torchrun and --launcher pytorch (DDP)')
+            if not self.opt['dist']:  # under DDP, model_to_device compiled the network inside DDP
+                self.net_g_train = torch.compile(self.net_g, **compile_kwargs)
             kwargs = ', '.join(f'{k}={v!r}' for k, v in compile_kwargs.items())
             logger.info(f'Training forward compiled with torch.compile({kwargs}); the first iterations include '
                         'the compilation')
@@ -202,10 +207,20 @@ class SSIUModel(SRModel):
                              f'{", ".join(f"{k}={v!r}" for k, v in kwargs.items())}): {err}') from err
 
     def model_to_device(self, net: torch.nn.Module) -> torch.nn.Module:
-        if self.opt['dist'] and self.device.type == 'cpu':
-            return DistributedDataParallel(net.to(self.device),
-                                           find_unused_parameters=self.opt.get('find_unused_parameters', False))
-        return super().model_to_device(net)
+        if not self.opt['dist']:
+            return super().model_to_device(net)
+        net = net.to(self.device)
+        compile_kwargs = compile_options(self.opt) if self.is_train else None
+        if compile_kwargs is not None:  # DDP around the compiled network, as torch's compile guide recommends
+            net = torch.compile(net, **compile_kwargs)
+        device_ids = [torch.cuda.current_device()] if self.device.type == 'cuda' else None
+        return DistributedDataParallel(net, device_ids=device_ids,
+                                       find_unused_parameters=self.opt.get('find_unused_parameters', False))
+
+    def get_bare_model(self, net: torch.nn.Module) -> torch.nn.Module:
+        """The network inside DDP/DataParallel and inside a ``torch.compile`` wrapper."""
+        bare = super().get_bare_model(net)
+        return getattr(bare, '_orig_mod', bare)
 
     def optimize_parameters(self, current_iter: int) -> None:
         self.optimizer_g.zero_grad()
@@ -251,7 +266,8 @@ class SSIUModel(SRModel):
         return 1 if isinstance(bare, SSIU) else int(getattr(bare, 'pad_multiple', 1) or 1)
 
     def test(self) -> None:
-        net = self.net_g_ema if hasattr(self, 'net_g_ema') else self.net_g
+        # the plain network, eagerly: no DDP forward, no compilation for each validation image size
+        net = self.get_bare_model(self.net_g_ema if hasattr(self, 'net_g_ema') else self.net_g)
         h, w = self.lq.shape[-2:]
         lq = pad_to_multiple(self.lq, self._pad_multiple(net))
         was_training = net.training
