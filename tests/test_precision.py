@@ -1,6 +1,9 @@
 """Inference precision: --precision parsing, bf16 autocast accuracy, CPU fallbacks, fp16 ONNX export."""
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -13,6 +16,8 @@ from ssiu_arch.tools.export import FP16_ATOL, ExportError, export_onnx
 from ssiu_arch.tools.infer import upscale_image
 from ssiu_arch.utils import cpu_features, precision
 from ssiu_arch.utils.precision import PrecisionError, resolve_precision
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / 'benchmarks'
 
 
 def tiny(scale: int = 2) -> SSIU:
@@ -125,3 +130,30 @@ def test_export_cli_fp16(weights, tmp_path, capsys):
     out = tmp_path / 'ssiu16.onnx'
     assert ssiu_main(['export', str(weights), '--onnx', str(out), '--precision', 'fp16']) == 0
     assert out.exists() and 'float16 weights, float32 input and output' in capsys.readouterr().out
+
+
+def load_benchmark(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f'{name}.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quality_script_scores_each_precision():
+    quality = load_benchmark('bench_precision_quality')
+    results = quality.compare_precisions(tiny(), 2, datasets=('Set5',), limit=1)  # random weights: loose bounds
+    fp32, bf16 = results['Set5']['fp32'], results['Set5']['bf16']
+    assert fp32['beyond_one_level'] == 0 and 0 <= bf16['beyond_one_level'] < 0.01
+    assert abs(bf16['psnr'] - fp32['psnr']) < 0.05 and abs(bf16['ssim'] - fp32['ssim']) < 5e-3
+    assert 'Set5   bf16' in quality.format_rows('w.pth', 2, results)[1]
+
+
+def test_gpu_script_helpers_and_clear_refusal_without_cuda(monkeypatch):
+    gpu = load_benchmark('gpu_precision')
+    assert gpu.lr_size(2) == (360, 640) and gpu.lr_size(4) == (180, 320)
+    assert gpu.sample_input(4).shape == (1, 3, 180, 320)
+    a = torch.rand(1, 3, 8, 8)
+    assert gpu.psnr(a, a) == float('inf') and 19 < gpu.psnr(a, a + 0.1) < 21
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    with pytest.raises(SystemExit, match='needs a CUDA GPU'):
+        gpu.main([])

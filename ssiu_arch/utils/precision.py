@@ -14,9 +14,10 @@ from ssiu_arch.utils.cpu_features import native_bf16
 
 PRECISIONS = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 
-# bfloat16 autocast of the reference network against the compiled float32 CPU engine, on an AMD EPYC with
-# avx512_bf16 (torch 2.13, 2 threads, x4 on 160x90): 1.1x to 4x the float32 latency, never faster. Until a
-# bfloat16 CPU engine exists, bf16 requests on the CPU run float32 with a notice.
+# bfloat16 autocast of the reference network against the compiled float32 CPU path, side by side on an x86
+# CPU with avx512_bf16 (torch 2.13, 2 shared threads, full-width SSIU): best-of-three latency ratio 1.1 and 1.8
+# at x4 on 160x90, 1.9 at x2 on 320x180; single runs 1.1 to 5.9; never faster. Until a bfloat16 CPU engine
+# exists, bf16 requests on the CPU run float32 with a notice.
 CPU_BF16_FASTER = False
 
 
