@@ -21,6 +21,7 @@ from tqdm import tqdm
 from ssiu_arch.tools.common import load_weights_or_exit, positive_int
 from ssiu_arch.utils.fileio import remove_stale_temporaries, write_bytes_atomic
 from ssiu_arch.utils.images import ImageError, read_image
+from ssiu_arch.utils.precision import PRECISIONS, PrecisionError, autocast, check_precision, resolve_precision
 
 __all__ = ['ImageError', 'NonFiniteOutputError', 'check_suffix', 'check_tiling', 'collect_inputs', 'infer_paths',
            'read_image', 'tile_spans', 'upscale_image', 'write_png']
@@ -78,12 +79,17 @@ def _ramp_weights(spans: list[tuple[int, int]], scale: int) -> list[torch.Tensor
 
 
 def _upscale_tensor(net: nn.Module, x: torch.Tensor, scale: int, tile: int, tile_overlap: int, align: int,
-                    device: torch.device, dtype: torch.dtype, progress: bool) -> torch.Tensor:
+                    device: torch.device, dtype: torch.dtype, precision: str, progress: bool) -> torch.Tensor:
     """Super-resolve a (1, 3, H, W) float32 CPU tensor tile by tile; returns (3, sH, sW) float32 on the CPU."""
     h, w = x.shape[-2:]
+
+    def run(tile_in: torch.Tensor) -> torch.Tensor:
+        with autocast(precision, device):
+            return net(tile_in.to(device, dtype))[0].float().cpu()
+
     rows, cols = tile_spans(h, tile, tile_overlap, align), tile_spans(w, tile, tile_overlap, align)
     if len(rows) == 1 and len(cols) == 1:
-        return net(x.to(device, dtype))[0].float().cpu()
+        return run(x)
     row_w, col_w = _ramp_weights(rows, scale), _ramp_weights(cols, scale)
     # Each tile's weight is row_w ⊗ col_w, so the total weight is the outer product of the 1D sums.
     row_sum, col_sum = torch.zeros(h * scale), torch.zeros(w * scale)
@@ -95,7 +101,7 @@ def _upscale_tensor(net: nn.Module, x: torch.Tensor, scale: int, tile: int, tile
     with tqdm(total=len(rows) * len(cols), desc='tiles', unit='tile', leave=False, disable=not progress) as bar:
         for (y0, y1), wy in zip(rows, row_w):
             for (x0, x1), wx in zip(cols, col_w):
-                sr = net(x[..., y0:y1, x0:x1].to(device, dtype))[0].float().cpu()
+                sr = run(x[..., y0:y1, x0:x1])
                 out[:, y0 * scale:y1 * scale, x0 * scale:x1 * scale] += sr * wy[:, None] * wx[None, :]
                 bar.update()
     return out.div_(row_sum[:, None]).div_(col_sum[None, :])
@@ -110,6 +116,7 @@ def upscale_image(
     device: str | torch.device | None = None,
     bgr: bool = True,
     progress: bool = False,
+    precision: str = 'fp32',
 ) -> np.ndarray:
     """Super-resolve one image array with ``net`` (an RGB network in [0, 1], e.g. SSIU).
 
@@ -124,12 +131,16 @@ def upscale_image(
         device: where tiles run (default: the device of ``net``'s parameters).
         bgr: colour channels are in OpenCV's BGR(A) order (default) rather than RGB(A).
         progress: show a tqdm bar over tiles.
+        precision: ``fp32``, or ``bf16``/``fp16`` to run the network under :func:`torch.autocast` (LayerNorm,
+            softmax and reductions stay float32, tiles are blended in float32). Run as asked: see
+            :func:`~ssiu_arch.utils.precision.resolve_precision` for what pays on a device.
 
     Returns:
         (sH, sW[, C]) array of ``img``'s dtype and channel layout.
     """
     if img.ndim not in (2, 3) or (img.ndim == 3 and img.shape[2] not in (1, 2, 3, 4)):
         raise ValueError(f'expected an (H, W) or (H, W, 1-4) image, got shape {img.shape}')
+    check_precision(precision)
     if img.dtype == np.uint8 or img.dtype == np.uint16:
         max_value = float(np.iinfo(img.dtype).max)
     elif np.issubdtype(img.dtype, np.floating):
@@ -149,10 +160,10 @@ def upscale_image(
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
     with torch.inference_mode():
         out = _upscale_tensor(net, x, scale, tile, tile_overlap, getattr(net, 'pad_multiple', 1), device, dtype,
-                              progress)
+                              precision, progress)
         if not torch.isfinite(out).all():
-            raise NonFiniteOutputError('the network output holds NaN or Inf (non-finite weights, or float16 '
-                                       'overflow with --half); nothing written')
+            raise NonFiniteOutputError('the network output holds NaN or Inf (non-finite weights, or low-precision '
+                                       'overflow); nothing written')
         out = out.clamp_(0, 1).mul_(max_value).permute(1, 2, 0).numpy()
     if gray:
         out = out.mean(axis=2, keepdims=True)
@@ -208,6 +219,7 @@ def infer_paths(
     tile_overlap: int = DEFAULT_TILE_OVERLAP,
     device: str | torch.device | None = None,
     overwrite: bool = False,
+    precision: str = 'fp32',
 ) -> dict[str, list[Path]]:
     """Super-resolve every file in ``inputs`` to ``output_dir/<stem><suffix>.png``.
 
@@ -215,10 +227,11 @@ def infer_paths(
     other files go on: unreadable inputs (not images, broken links, FIFOs), outputs that cannot be written
     (full disk, read-only folder) and non-finite network outputs. Existing outputs are skipped unless
     ``overwrite``; folders among ``inputs`` are skipped with a note (folders are not searched recursively).
-    Hidden temporary files that killed runs left in ``output_dir`` are removed first. Returns the input
-    paths by outcome: ``written``, ``exists``, ``folders`` and ``failed``.
+    Hidden temporary files that killed runs left in ``output_dir`` are removed first. ``precision`` is that of
+    :func:`upscale_image`. Returns the input paths by outcome: ``written``, ``exists``, ``folders`` and ``failed``.
     """
     check_suffix(suffix)
+    check_precision(precision)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     for stale in remove_stale_temporaries(output_dir):
@@ -250,7 +263,8 @@ def infer_paths(
             result['failed'].append(path)
             continue
         try:
-            sr = upscale_image(net, img, scale, tile=tile, tile_overlap=tile_overlap, device=device, progress=True)
+            sr = upscale_image(net, img, scale, tile=tile, tile_overlap=tile_overlap, device=device, progress=True,
+                               precision=precision)
             write_png(sr, out_path)
         except OSError as err:
             tqdm.write(f'failed {path}: cannot write {out_path} ({err.strerror or err})', file=sys.stderr)
@@ -286,8 +300,12 @@ def _run(args: argparse.Namespace) -> int:
     device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
     if device == 'cuda' and not torch.cuda.is_available():
         raise SystemExit('ssiu infer: --device cuda requested but CUDA is not available (use --device cpu)')
-    if args.half and device != 'cuda':
-        raise SystemExit('ssiu infer: --half needs --device cuda (float16 is slow or unsupported on the CPU)')
+    try:
+        precision, notice = resolve_precision(args.precision, device)
+    except PrecisionError as err:
+        raise SystemExit(f'ssiu infer: --{err}') from None
+    if notice:
+        print(f'ssiu infer: --{notice}', file=sys.stderr, flush=True)
     if args.tile and args.tile_overlap < MIN_TILE_OVERLAP:
         raise SystemExit(f'ssiu infer: --tile-overlap {args.tile_overlap}: at least {MIN_TILE_OVERLAP} pixels '
                          'when tiling (without overlap the tile seams show); or --tile 0 for no tiling')
@@ -311,14 +329,12 @@ def _run(args: argparse.Namespace) -> int:
         raise SystemExit(f'ssiu infer: {args.weights} maps {config["num_in_ch"]} to {config["num_out_ch"]} '
                          'channels; only RGB networks are supported')
     net = net.eval().to(device)
-    if args.half:
-        net = net.half()
     inputs = collect_inputs(args.inputs)
     if not inputs:
         raise SystemExit(f'ssiu infer: no input files in {", ".join(args.inputs)}')
     _make_output_folder(args.output)
     result = infer_paths(net, inputs, args.output, config['upscale'], suffix=args.suffix, tile=args.tile,
-                         tile_overlap=args.tile_overlap, overwrite=args.overwrite)
+                         tile_overlap=args.tile_overlap, overwrite=args.overwrite, precision=precision)
     failed = result['failed']
     folders = f', {len(result["folders"])} folder(s) not searched' if result['folders'] else ''
     print(f'ssiu infer: {len(result["written"])} written to {args.output}, {len(result["exists"])} skipped '
@@ -350,6 +366,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help=f'LR pixels shared by neighbouring tiles, blended linearly; at least {MIN_TILE_OVERLAP} '
                              'when tiling, as tiles without overlap show seams (default: %(default)s)')
     parser.add_argument('--device', choices=('cpu', 'cuda'), help='default: cuda if available, else cpu')
-    parser.add_argument('--half', action='store_true', help='run in float16 (cuda only)')
+    parser.add_argument('--precision', choices=tuple(PRECISIONS), default='fp32',
+                        help='fp32, or bf16/fp16 under autocast (LayerNorm, softmax and the image stay float32); '
+                             'fp16 needs cuda; bf16 on a CPU runs fp32, with a notice, until it is faster there '
+                             '(default: %(default)s)')
+    parser.add_argument('--half', dest='precision', action='store_const', const='fp16',
+                        help='deprecated: same as --precision fp16')
     parser.add_argument('--overwrite', action='store_true', help='replace existing outputs')
     parser.set_defaults(func=_run)
