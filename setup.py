@@ -4,40 +4,16 @@ The user-facing top level keeps `ssiu_arch/`, `losses/` and `datasets_lmdb/` sid
 installed under the single import package `ssiu_arch` so that no generic name such as `losses`
 lands in site-packages.
 """
-import os
 from pathlib import Path
 
 from setuptools import setup
 
 HERE = Path(__file__).parent
+# Optional dependencies (extras_require below).
+BASICSR = ['basicsr>=1.4.2', 'torchvision>=0.16']  # torchvision: also imported by HROnlyBicubicDataset
+SPANDREL = ['spandrel>=0.4']
+ONNX = ['onnx>=1.15', 'onnxruntime>=1.17']
 
-
-def kernel_build() -> dict:
-    """The optional CPU inference kernels (ssiu_arch/cpu/csrc): built when torch and a C++ compiler are present.
-
-    Without them the network computes the same results with standard PyTorch operators, so a failed build
-    only warns. SSIU_NO_KERNELS=1 skips it.
-    """
-    if os.environ.get('SSIU_NO_KERNELS', '') not in ('', '0'):
-        return {}
-    try:
-        from torch.utils.cpp_extension import BuildExtension, CppExtension
-    except ImportError:
-        return {}
-
-    class OptionalBuildExtension(BuildExtension):
-        def run(self) -> None:
-            try:
-                super().run()
-            except Exception as err:  # any compiler failure leaves the standard-operator path
-                print(f'warning: SSIU CPU kernels not built ({err}); standard PyTorch operators will be used')
-                self.extensions = []
-                for stale in (HERE / 'ssiu_arch' / 'cpu').glob('_kernels*.so'):  # an earlier in-place build
-                    stale.unlink()
-
-    kernels = CppExtension('ssiu_arch.cpu._kernels', ['ssiu_arch/cpu/csrc/kernels.cpp'],
-                           extra_compile_args=['-O3', '-fopenmp'], extra_link_args=['-fopenmp'])
-    return {'ext_modules': [kernels], 'cmdclass': {'build_ext': OptionalBuildExtension}}
 
 setup(
     name='ssiu',
@@ -46,32 +22,42 @@ setup(
     long_description=(HERE / 'README.md').read_text(encoding='utf-8'),
     long_description_content_type='text/markdown',
     license='Apache-2.0',
-    python_requires='>=3.9',
-    packages=['ssiu_arch', 'ssiu_arch.archs', 'ssiu_arch.cpu', 'ssiu_arch.models', 'ssiu_arch.tools', 'ssiu_arch.utils',
-              'ssiu_arch.losses', 'ssiu_arch.datasets_lmdb'],
+    python_requires='>=3.10',
+    packages=['ssiu_arch', 'ssiu_arch.archs', 'ssiu_arch.cpu', 'ssiu_arch.evaluation', 'ssiu_arch.models',
+              'ssiu_arch.tools', 'ssiu_arch.utils', 'ssiu_arch.losses', 'ssiu_arch.datasets_lmdb'],
     package_dir={
         'ssiu_arch': 'ssiu_arch',
         'ssiu_arch.losses': 'losses',
         'ssiu_arch.datasets_lmdb': 'datasets_lmdb',
     },
-    package_data={'ssiu_arch': ['data/*.csv']},
+    # The CPU kernels' source ships with the package: they are compiled on first use against the torch that
+    # imports them (ssiu_arch/cpu/build.py), so every install route gets them, build isolation or not.
+    package_data={'ssiu_arch': ['data/*.csv'], 'ssiu_arch.cpu': ['csrc/*.cpp']},
+    # Ranges, not pins: installing into an environment that has torch (a CUDA workstation, a ComfyUI venv) keeps
+    # it. The tested versions are pinned in scripts/constraints.txt, which scripts/setup.sh applies.
     install_requires=[
-        # torch 2.13.0 has a CPU wheel; an open range pulls a multi-GB CUDA build on CPU-only machines.
-        'torch==2.13.0',
-        'torchvision==0.28.0',
-        # basicsr 1.4.2 is an sdist whose build needs torch: install with --no-build-isolation.
-        'basicsr==1.4.2',
-        'einops>=0.7',
+        'torch>=2.6',
+        # The CPU kernels' first-use build: its lock, and the build tool torch.utils.cpp_extension.load runs.
+        'filelock>=3.0',
+        'ninja>=1.11',
         'lmdb>=1.4',
         'matplotlib>=3.7',
         'numpy>=1.24',
         'opencv-python>=4.8',
+        # The EXIF orientation tag of photos (ssiu_arch/utils/images.py); OpenCV skips it when keeping alpha/depth.
+        'pillow>=9.1',
         'pyyaml>=6.0',
+        'safetensors>=0.4',
         'tqdm>=4.60',
     ],
     extras_require={
-        'onnx': ['onnx>=1.15', 'onnxruntime>=1.17'],
-        'dev': ['onnx>=1.15', 'onnxruntime>=1.17', 'pytest>=8', 'ruff>=0.5'],
+        # BasicSR training/testing: `basicsr train|test`, SSIUModel, the losses, HROnlyBicubicDataset,
+        # `ssiu results`. basicsr 1.4.2 is an sdist whose build needs torch: install it with
+        # --no-build-isolation once torch is installed.
+        'basicsr': BASICSR,
+        'spandrel': SPANDREL,
+        'onnx': ONNX,
+        'dev': [*BASICSR, *SPANDREL, *ONNX, 'pytest>=8', 'ruff>=0.5'],
     },
     entry_points={
         'console_scripts': [
@@ -83,5 +69,4 @@ setup(
         'Programming Language :: Python :: 3',
         'Topic :: Scientific/Engineering :: Image Processing',
     ],
-    **kernel_build(),
 )

@@ -11,6 +11,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from ssiu_arch.utils import images
 from ssiu_arch.utils.fileio import write_bytes_atomic
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp', '.ppm', '.pgm')
@@ -22,12 +23,16 @@ class DataPrepError(ValueError):
 
 
 def list_images(folder: str | os.PathLike) -> list[Path]:
-    """Image files directly inside ``folder`` (hidden files skipped), sorted by name."""
+    """Image files directly inside ``folder`` (hidden files skipped), sorted by name.
+
+    Entries with an image extension that are not regular files (broken symbolic links, FIFOs) are listed
+    too, so that reading them fails with their name instead of their being left out without a word.
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise DataPrepError(f'{folder}: no such folder')
     paths = sorted(p for p in folder.iterdir()
-                   if p.is_file() and not p.name.startswith('.') and p.suffix.lower() in IMAGE_EXTENSIONS)
+                   if not p.is_dir() and not p.name.startswith('.') and p.suffix.lower() in IMAGE_EXTENSIONS)
     if not paths:
         raise DataPrepError(f'{folder}: no image files ({", ".join(IMAGE_EXTENSIONS)})')
     return paths
@@ -57,21 +62,22 @@ def split_scale_suffix(stem: str, scale: int | None = None) -> str:
     return stem
 
 
-def decode_image(data: bytes, source: str, flag: int = cv2.IMREAD_UNCHANGED) -> np.ndarray:
-    """Decode encoded image bytes; ``source`` (file name or key) names the culprit in the error."""
-    img = cv2.imdecode(np.frombuffer(data, np.uint8), flag) if data else None
-    if img is None:
-        raise DataPrepError(f'{source}: not a readable image (empty, truncated, corrupt or unsupported format)')
-    return img
-
-
-def read_image(path: str | os.PathLike, flag: int = cv2.IMREAD_UNCHANGED) -> np.ndarray:
-    """Read an image file (any OpenCV format, 8 or 16 bit, grayscale kept HxW unless ``flag`` says otherwise)."""
+def decode_image(data: bytes, source: str) -> np.ndarray:
+    """Decode encoded image bytes with the package's reader (:mod:`ssiu_arch.utils.images`); ``source`` (file
+    name or key) names the culprit. Only 8/16-bit gray, colour and colour+alpha images pass: anything PNG
+    would store lossily (float or 32-bit samples) is refused rather than rounded."""
     try:
-        data = Path(path).read_bytes()
-    except OSError as err:
-        raise DataPrepError(f'{path}: cannot read ({err.strerror or err})') from None
-    return decode_image(data, str(path), flag)
+        return images.decode_image(data, source)
+    except images.ImageError as err:
+        raise DataPrepError(str(err)) from None
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """Read an image file as :func:`decode_image` does (EXIF orientation applied, grayscale kept HxW)."""
+    try:
+        return images.read_image(path)
+    except images.ImageError as err:
+        raise DataPrepError(str(err)) from None
 
 
 def check_compress_level(level: int) -> None:

@@ -28,6 +28,7 @@ from ssiu_arch.datasets_lmdb.files import (
     image_shape,
     list_images,
     parallel_map,
+    read_image,
     split_scale_suffix,
 )
 
@@ -38,11 +39,7 @@ _MIN_MAP_SIZE = 1 << 30
 
 def _encode_one(job: tuple[str, Path], compress_level: int) -> tuple[str, bytes, tuple[int, int, int]]:
     key, path = job
-    try:
-        data = path.read_bytes()
-    except OSError as err:
-        raise DataPrepError(f'{path}: cannot read ({err.strerror or err})') from None
-    img = decode_image(data, str(path))
+    img = read_image(path)
     return key, encode_png(img, compress_level, str(path)), image_shape(img)
 
 
@@ -112,7 +109,7 @@ def build_lmdb(folder: str | os.PathLike, lmdb_path: str | os.PathLike, compress
         shutil.rmtree(tmp)
     lmdb_path.parent.mkdir(parents=True, exist_ok=True)
     tmp.mkdir()
-    total_bytes = sum(p.stat().st_size for p in paths)
+    total_bytes = sum(p.stat().st_size for p in paths if p.is_file())  # others fail by name when read
     current = None
     try:
         writer = _Writer(tmp, map_size or max(_MIN_MAP_SIZE, 4 * total_bytes), batch)
@@ -208,10 +205,9 @@ def _decode_shape(job: tuple[str, str, bytes]) -> tuple[str, tuple[int, int, int
 def _read_and_decode(job: tuple[str, Path]) -> tuple[str, tuple[int, int, int] | None, str | None]:
     key, path = job
     try:
-        data = path.read_bytes()
-    except OSError as err:
-        return key, None, f'{path}: cannot read ({err.strerror or err})'
-    return _decode_shape((key, str(path), data))
+        return key, image_shape(read_image(path)), None
+    except DataPrepError as err:
+        return key, None, str(err)
 
 
 def _scan_folder(result: ImageSet, scale: int | None, workers: int, progress: bool) -> None:
@@ -231,6 +227,21 @@ def _scan_folder(result: ImageSet, scale: int | None, workers: int, progress: bo
         result.add(*item)
 
 
+def check_data_size(env: lmdb.Environment, data_file: Path) -> str | None:
+    """A problem if ``data.mdb`` is shorter than its own header says, else None.
+
+    LMDB maps the file into memory: reading a page past the end of a truncated file kills the process
+    with SIGBUS instead of raising. The header (read with ``read``, not through the map) records the last
+    page in use, so the file must hold at least ``(last_pgno + 1) * page_size`` bytes.
+    """
+    needed = (env.info()['last_pgno'] + 1) * env.stat()['psize']
+    size = data_file.stat().st_size
+    if size < needed:
+        return (f'{data_file}: truncated: {size} bytes, but its header says the data runs to {needed} bytes '
+                '(copy it again or rebuild the LMDB)')
+    return None
+
+
 def _lmdb_jobs(txn: lmdb.Transaction, name: str):
     for raw_key, value in txn.cursor():
         key = raw_key.decode('ascii', errors='replace')
@@ -248,6 +259,11 @@ def _scan_lmdb(result: ImageSet, workers: int, progress: bool) -> None:
         env = lmdb.open(str(path), readonly=True, lock=False, readahead=False)
     except lmdb.Error as err:
         result.problems.append(f'{path}: cannot open the LMDB ({err})')
+        return
+    truncated = check_data_size(env, path / 'data.mdb')
+    if truncated is not None:
+        env.close()
+        result.problems.append(truncated)
         return
     try:
         with env.begin(write=False) as txn:

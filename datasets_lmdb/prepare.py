@@ -24,6 +24,8 @@ from ssiu_arch.datasets_lmdb.files import (
 )
 from ssiu_arch.datasets_lmdb.imresize import imresize
 
+from ssiu_arch.utils.fileio import remove_stale_temporaries
+
 
 def crop_positions(length: int, crop_size: int, step: int, thresh_size: int = 0) -> list[int]:
     """Start offsets of crops along one axis: every ``step``, plus one flush with the end if the remainder
@@ -95,7 +97,8 @@ def extract_subimages(hr_folder: str | os.PathLike, out_hr: str | os.PathLike,
     ``<name>x{scale}.png`` or ``<name>.png``), the matching LR sub-images go to ``out_lq`` under the same names
     (so that LR and HR LMDB keys agree), cropped at the HR positions divided by ``scale``; an HR image whose
     size is not a multiple of ``scale`` is cropped at the bottom/right to ``scale`` times its LR first.
-    Existing files of the same name are replaced. Returns the number of HR sub-images written.
+    Existing files of the same name are replaced, and temporary files that killed runs left in the output
+    folders are removed. Returns the number of HR sub-images written.
     """
     if (lq_folder is None) != (out_lq is None):
         raise DataPrepError('give both the LR input folder and the LR output folder, or neither')
@@ -118,7 +121,9 @@ def extract_subimages(hr_folder: str | os.PathLike, out_hr: str | os.PathLike,
         jobs = [(p, lq_files[p.name.split('.')[0]]) for p in hr_paths]
         out_lq = Path(out_lq)
         out_lq.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(out_lq)
     out_hr.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out_hr)
     worker = functools.partial(_extract_one, out_hr=out_hr, out_lq=out_lq, scale=scale, crop_size=crop_size,
                                step=step, thresh_size=thresh_size, compress_level=compress_level)
     return sum(parallel_map(worker, jobs, len(jobs), workers, desc='extract', progress=progress, ordered=False))
@@ -140,7 +145,8 @@ def make_lr(hr_folder: str | os.PathLike, out_folder: str | os.PathLike, scales:
     """Write ``out_folder/X{s}/<name>x{s}.png`` = MATLAB ``imresize(modcrop(HR, s), 1/s, 'bicubic')`` per scale.
 
     8- and 16-bit, grayscale, colour and alpha images keep their type and channels. Existing files of the
-    same name are replaced. Returns the number of HR images processed.
+    same name are replaced, and temporary files that killed runs left in the output folders are removed.
+    Returns the number of HR images processed.
     """
     if not scales or any(int(s) != s or s < 2 for s in scales):
         raise DataPrepError(f'--scale {list(scales)}: scales must be integers >= 2')
@@ -149,6 +155,7 @@ def make_lr(hr_folder: str | os.PathLike, out_folder: str | os.PathLike, scales:
     out_dirs = {int(s): Path(out_folder) / f'X{int(s)}' for s in scales}
     for out_dir in out_dirs.values():
         out_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(out_dir)
     worker = functools.partial(_make_lr_one, out_dirs=out_dirs, compress_level=compress_level)
     for _ in parallel_map(worker, hr_paths, len(hr_paths), workers, desc='make-lr', progress=progress,
                           ordered=False):

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from ssiu_arch.archs.ssiu_arch import SSIU
+from ssiu_arch.evaluation.bench_table import read_bench
 from ssiu_arch.tools.bench import BenchError, build_net, matmul_rate, measure_inference, run_case
 from ssiu_arch.tools.cli import ssiu_main
-from ssiu_arch.tools.results import read_bench
 from ssiu_arch.utils.profiling import count_macs, count_params, lr_size_for
 
 TINY = {'num_feat': 16, 'num_block': 3}

@@ -1,7 +1,6 @@
-"""``ssiu results``, the measured bicubic baseline, the published-SSIM check and the test option files."""
+"""The measured bicubic baseline, the published-SSIM check, the published table and the test option files."""
 from __future__ import annotations
 
-import csv
 import json
 import re
 import shutil
@@ -18,21 +17,13 @@ from basicsr.metrics import calculate_ssim
 from basicsr.utils.options import ordered_yaml
 
 from ssiu_arch import SSIU
+from ssiu_arch.evaluation.bicubic import bicubic_upscale, evaluate_bicubic, read_image
+from ssiu_arch.evaluation.datasets import DATASETS, benchmark_pairs
+from ssiu_arch.evaluation.errors import ResultsError
+from ssiu_arch.evaluation.metrics_schema import read_metrics
+from ssiu_arch.evaluation.published import load_published
+from ssiu_arch.evaluation.published_ssim import published_ssim
 from ssiu_arch.tools.cli import ssiu_main
-from ssiu_arch.tools.results import (
-    DATASETS,
-    ResultsError,
-    benchmark_pairs,
-    bicubic_upscale,
-    entries_from_results,
-    evaluate_bicubic,
-    load_published,
-    merge_bench,
-    plot_tradeoff,
-    published_ssim,
-    read_bench,
-    read_image,
-)
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = Path(__file__).parent / 'data' / 'benchmark'
@@ -47,26 +38,6 @@ LITERATURE_FIGURES = {('Set5', 2): (33.66, 0.9299), ('Set5', 4): (28.42, 0.8104)
 @pytest.fixture(scope='module')
 def bicubic() -> dict[int, dict[str, dict]]:
     return {s: evaluate_bicubic(BENCH, s, ('Set5', 'Set14'), with_published_ssim=True) for s in (2, 4)}
-
-
-def _result(name: str = 'my_SSIU', scale: int = 4, dataset: str = 'Set5', psnr: float = 32.7, ssim: float = 0.9,
-            iter_: object = 1000, model: str = 'SSIU') -> dict:
-    images = [{'name': 'a', 'psnr': psnr - 0.5, 'ssim': ssim - 0.01},
-              {'name': 'b', 'psnr': psnr + 0.5, 'ssim': ssim + 0.01}]
-    return {'name': name, 'model': model, 'scale': scale, 'dataset': dataset, 'crop_border': scale,
-            'test_y_channel': True, 'iter': iter_, 'metrics': ['psnr', 'ssim'], 'images': images,
-            'mean': {'psnr': psnr, 'ssim': ssim}}
-
-
-def _write(path: Path, obj: object) -> str:
-    path.write_text(obj if isinstance(obj, str) else json.dumps(obj), encoding='utf-8')
-    return str(path)
-
-
-def _exit_message(argv: list[str]) -> str:
-    with pytest.raises(SystemExit) as err:
-        ssiu_main(argv)
-    return str(err.value.code)
 
 
 def test_bicubic_matches_benchmark_and_literature(bicubic):
@@ -126,82 +97,6 @@ def test_published_table_data():
             assert e.ssim_protocol == 'reported' and "as reported in the SSIU paper's" in e.source, e
 
 
-def test_results_cli_table_csv_plot(tmp_path, capsys):
-    files = [_write(tmp_path / 'metrics_Set5.json', _result(dataset='Set5', psnr=32.71, ssim=0.9001)),
-             _write(tmp_path / 'metrics_Set14.json', _result(dataset='set14', psnr=28.99, ssim=0.7901))]
-    bench = _write(tmp_path / 'bench.json', [
-        {'model': 'SSIU', 'scale': 4, 'params': 794_000, 'macs_g': 48.9, 'input': '1x3x180x320', 'latency_ms': 123.4,
-         'peak_mem_mb': 456.7, 'efficiency': 0.5, 'threads': 2, 'machine': 'cpu-box'},
-        {'model': 'SSIU', 'scale': 2, 'params': 778_000, 'macs_g': 167.2, 'input': '1x3x360x640',
-         'latency_ms': 300.0, 'peak_mem_mb': 900.0, 'efficiency': 0.5, 'threads': 2, 'machine': 'cpu-box'}])
-    md, table, png = tmp_path / 'out' / 'table.md', tmp_path / 'table.csv', tmp_path / 'x4.png'
-    code = ssiu_main(['results', '--results', *files, '--scale', '4', '--bench', bench, '--bicubic-root', str(BENCH),
-                      '--datasets', 'Set5', 'B100', '--md', str(md), '--csv', str(table), '--plot', str(png),
-                      '--plot-set', 'Set5'])
-    assert code == 0
-    out, err = capsys.readouterr()
-    assert out == md.read_text(encoding='utf-8')
-    assert str(BENCH / 'B100') in err and 'not found' in err
-    rows = {line.split(' | ')[0].lstrip('| '): line for line in out.splitlines() if line.startswith('| ')}
-    assert out.splitlines()[2].startswith('| Method | Train set | Params (K) | Multi-adds (G) | Set5 | B100 | Set14 |')
-    assert '| 794 | 48.9 | **32.71** / 0.9001 | – | **28.99** / 0.7901 | 123.4 | 456.7 |' in rows['my_SSIU']
-    assert '| 28.43 / 0.8111 | – | – |' in rows['Bicubic']
-    assert '| 32.64 / 0.9032† | **27.82** / 0.7472† | 28.96 / 0.7939† |' in rows['SSIU']
-    assert 'IDSA-Net' in rows and not any('x2' in line for line in out.splitlines() if line.startswith('###'))
-    assert re.search(r'bicubic outputs under .*: Set5 \+0\.00\d\d\.', out)
-    with open(table, newline='', encoding='utf-8') as f:
-        by_method = {row['method']: row for row in csv.DictReader(f)}
-    assert float(by_method['my_SSIU']['params_k']) == 794 and by_method['my_SSIU']['latency_ms'] == '123.4'
-    assert by_method['my_SSIU']['source'].startswith(files[0])
-    assert by_method['Bicubic']['kind'] == 'bicubic' and by_method['Bicubic']['b100_psnr'] == ''
-    assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
-    assert sorted(p.name for p in tmp_path.iterdir()) == ['bench.json', 'metrics_Set14.json', 'metrics_Set5.json',
-                                                          'out', 'table.csv', 'x4.png']
-
-
-def test_results_without_scale_shows_each_scale_found(tmp_path, capsys):
-    files = [_write(tmp_path / 'a.json', _result(scale=2, psnr=38.3)), _write(tmp_path / 'b.json', _result(scale=3))]
-    assert ssiu_main(['results', '--results', *files, '--no-published']) == 0
-    out = capsys.readouterr().out
-    assert re.findall(r'^### x(\d)', out, flags=re.M) == ['2', '3']
-    assert '**38.30** / 0.9000' in out and 'CARN' not in out
-
-
-def test_results_file_of_other_scale_is_named(tmp_path):
-    path = _write(tmp_path / 'metrics_Set5.json', _result(scale=2))
-    message = _exit_message(['results', '--results', path, '--scale', '4'])
-    assert path in message and 'x2' in message and '--scale 4' in message
-
-
-@pytest.mark.parametrize('content, expected', [
-    ('{"name": ', 'not valid JSON'),
-    ([1, 2], 'expected a JSON object'),
-    ({k: v for k, v in _result().items() if k != 'mean'}, "missing key(s) mean"),
-    ({**_result(), 'scale': '4'}, '"scale" must be a positive integer'),
-    ({**_result(), 'mean': {'psnr': 'high', 'ssim': 0.9}}, '"mean" must give a number'),
-    ({**_result(), 'images': [{'psnr': 30.0}]}, '"images" must be a list'),
-])
-def test_malformed_results_file_is_named(tmp_path, content, expected):
-    path = _write(tmp_path / 'metrics_bad.json', content)
-    message = _exit_message(['results', '--results', path])
-    assert message.startswith(f'ssiu results: {path}: ') and expected in message
-
-
-def test_missing_results_file_is_named(tmp_path):
-    path = str(tmp_path / 'results' / 'metrics_Set5.json')
-    assert f'{path}: no such results file' in _exit_message(['results', '--results', path])
-
-
-def test_same_run_twice_names_both_files_and_iterations_get_rows(tmp_path):
-    first = _write(tmp_path / 'a.json', _result(iter_=1000))
-    again = _write(tmp_path / 'b.json', _result(iter_=1000))
-    message = _exit_message(['results', '--results', first, again])
-    assert first in message and again in message
-    later = _write(tmp_path / 'c.json', _result(iter_=2000, psnr=32.9))
-    entries = entries_from_results([(first, _result(iter_=1000)), (later, _result(iter_=2000, psnr=32.9))])
-    assert sorted((e.method, e.psnr['Set5']) for e in entries) == [('my_SSIU @1000', 32.7), ('my_SSIU @2000', 32.9)]
-
-
 def test_bicubic_reports_missing_folders_and_lr_images(tmp_path):
     root = tmp_path / 'benchmark'
     shutil.copytree(BENCH / 'Set5', root / 'Set5')
@@ -214,31 +109,6 @@ def test_bicubic_reports_missing_folders_and_lr_images(tmp_path):
     shutil.rmtree(root / 'Set5' / 'LR_bicubic' / 'X4')
     with pytest.raises(ResultsError, match=re.escape(f'{root / "Set5" / "LR_bicubic" / "X4"}: folder not found')):
         evaluate_bicubic(root, 4, ['Set5'])
-    message = _exit_message(['results', '--scale', '2', '--bicubic-root', str(tmp_path / 'nothing')])
-    assert str(tmp_path / 'nothing') in message and 'none of Set5' in message
-
-
-def test_bench_rows_merge_and_bad_bench_is_named(tmp_path):
-    measured = entries_from_results([('m.json', _result(model='SSIU'))])
-    rows = [{'model': 'ssiu', 'scale': 4, 'params': 794_000, 'macs_g': 48.9},
-            {'model': 'IDSANet', 'scale': 4, 'params': 752_000, 'macs_g': 40.0, 'latency_ms': 80.0}]
-    merged = merge_bench(measured, rows, 'bench.json')
-    assert (merged[0].params_k, merged[0].macs_g) == (794, 48.9)
-    assert [(e.method, e.kind, e.latency_ms) for e in merged[1:]] == [('IDSANet', 'bench', 80.0)]
-    for content, expected in [('[', 'not a readable JSON bench file'), ([{'model': 'SSIU'}], 'row 0 must be'),
-                              ([rows[0], rows[0]], 'two rows for ssiu x4')]:
-        path = _write(tmp_path / 'bench.json', content)
-        with pytest.raises(ResultsError, match=re.escape(path)) as err:
-            read_bench(path)
-        assert expected in str(err.value)
-
-
-def test_plot_failure_keeps_previous_file(tmp_path):
-    png = tmp_path / 'plot.png'
-    png.write_bytes(b'previous')
-    with pytest.raises(ResultsError, match='Manga109 x4'):
-        plot_tradeoff(entries_from_results([('m.json', _result())]), png, dataset='Manga109', scale=4)
-    assert png.read_bytes() == b'previous' and [p.name for p in tmp_path.iterdir()] == ['plot.png']
 
 
 @pytest.mark.parametrize('scale', [2, 3, 4])
@@ -284,6 +154,6 @@ def test_basicsr_test_writes_results_that_ssiu_results_reads(tmp_path, capsys):
     results = tmp_path / 'results' / 'test_SSIU_x4'
     assert len(list((results / 'visualization' / 'Set5').glob('*.png'))) == 5
     assert ssiu_main(['results', '--results', str(results / 'metrics_Set5.json'), '--scale', '4']) == 0
-    doc = json.loads((results / 'metrics_Set5.json').read_text(encoding='utf-8'))
+    doc = read_metrics(results / 'metrics_Set5.json', scale=4, required_metrics=('psnr', 'ssim'))
     row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith('| test_SSIU_x4 '))
     assert f'{doc["mean"]["psnr"]:.2f} / {doc["mean"]["ssim"]:.4f}' in row and len(doc['images']) == 5

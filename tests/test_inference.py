@@ -137,7 +137,8 @@ def test_published_checkpoint_layout(weights, inputs, tmp_path):
 @pytest.mark.parametrize('argv, message', [
     (['--scale', '3'], '--scale 3 does not match'),
     (['--device', 'cuda'], 'CUDA is not available'),
-    (['--half', '--device', 'cpu'], '--half needs --device cuda'),
+    (['--half', '--device', 'cpu'], 'precision fp16 needs a CUDA device'),
+    (['--precision', 'fp16', '--device', 'cpu'], 'precision fp16 needs a CUDA device'),
     (['--tile', '40', '--tile-overlap', '32'], 'must exceed tile_overlap'),
 ])
 def test_bad_options_are_clear_errors(weights, inputs, tmp_path, monkeypatch, argv, message):

@@ -66,8 +66,8 @@ def convert_and_check(path, tmp_path) -> dict:
     torch.save(load_reference(path)['official_checkpoint'], src)
     config = convert(src, tmp_path / 'net.pth')
     saved = torch.load(tmp_path / 'net.pth', weights_only=True)
-    assert list(saved) == ['params']
-    SSIU(**config).load_state_dict(saved['params'], strict=True)
+    assert list(saved) == ['params', 'network_g'] and saved['network_g'] == config
+    SSIU(**{k: v for k, v in config.items() if k != 'type'}).load_state_dict(saved['params'], strict=True)
     return config
 
 

@@ -20,6 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from ssiu_arch.archs.ssiu_arch import SSIU
+from ssiu_arch.evaluation.metrics_schema import read_metrics
 from ssiu_arch.models.ssiu_model import SSIUModel
 
 BENCHMARK = Path(__file__).parent / 'data' / 'benchmark'
@@ -219,6 +220,7 @@ def test_validation_writes_per_image_metrics(tmp_path, val_loader):
     model = build_model(make_opt(tmp_path))
     model.validation(val_loader, current_iter=10, tb_logger=None, save_img=False)
     record = json.loads((tmp_path / 'log' / 'metrics_TinySet5.json').read_text())
+    assert read_metrics(tmp_path / 'log' / 'metrics_TinySet5.json', scale=2, required_metrics=('psnr',)) == record
     assert list(record) == ['name', 'model', 'scale', 'dataset', 'crop_border', 'test_y_channel', 'iter',
                             'metrics', 'images', 'mean']
     assert record['name'] == 'tiny_ssiu_x2' and record['model'] == 'SSIU' and record['scale'] == 2

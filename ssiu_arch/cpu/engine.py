@@ -126,8 +126,7 @@ class Engine:
         if (torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling()
                 or torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export() or _len_torch_dispatch_stack()):
             return False
-        if (not kernels.available() or os.environ.get('SSIU_NO_KERNELS', '') not in ('', '0')
-                or not net.use_engine or _ONEDNN_CONV is None
+        if (os.environ.get('SSIU_NO_KERNELS', '') not in ('', '0') or not net.use_engine or _ONEDNN_CONV is None
                 or not torch.backends.mkldnn.is_available() or not torch.backends.mkldnn.enabled):
             return False
         if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
@@ -140,7 +139,7 @@ class Engine:
                 if p is not None and (p.dtype != torch.float32 or not p.is_cpu or (grad and p.requires_grad)):
                     return False
             modules.extend(m._modules.values())
-        return _NETWORK_KNOWN and _supported(net)
+        return _NETWORK_KNOWN and _supported(net) and kernels.available()  # last: it may build the kernels
 
     def band_rows(self, net: SSIU, x: torch.Tensor) -> int | None:
         """Rows per band of the unfolding steps for the padded LR input ``x``, or None to process whole maps.

@@ -1,35 +1,72 @@
 """Compiled CPU inference kernels (``ssiu_arch/cpu/csrc/kernels.cpp``), registered as ``torch.ops.ssiu.*``.
 
-``pip install`` builds them into ``ssiu_arch/_kernels*.so`` when a C++ compiler is available (see ``setup.py``;
-``SSIU_NO_KERNELS=1`` skips the build and their use). They are used by the CPU inference engine
-(:mod:`ssiu_arch.cpu.engine`) only; without them the network runs its own modules, as it does for training,
-tracing and ONNX export, since the kernels have no autograd formula and no ONNX mapping.
+They are built on first use into a per-user cache (:mod:`ssiu_arch.cpu.build`) when a C++ compiler is available;
+``SSIU_NO_KERNELS=1`` turns them off and ``SSIU_KERNELS_REBUILD=1`` builds them afresh. Only the CPU inference
+engine (:mod:`ssiu_arch.cpu.engine`) uses them; without them the network runs its own modules, about 2x slower,
+and says so once, as it does for training, tracing and ONNX export, since the kernels have no autograd formula
+and no ONNX mapping.
 """
 from __future__ import annotations
 
+import logging
 import os
-from pathlib import Path
 
 import torch
 
+from ssiu_arch.cpu import build
+
 _LOADED: bool | None = None
+_STATUS = ''
+_TOLD = False
+
+
+def _switch(name: str) -> bool:
+    return os.environ.get(name, '') not in ('', '0')
+
+
+def _load() -> tuple[bool, str]:
+    if _switch('SSIU_NO_KERNELS'):
+        return False, 'switched off by SSIU_NO_KERNELS'
+    try:
+        path = build.library(rebuild=_switch('SSIU_KERNELS_REBUILD'))
+        torch.ops.load_library(str(path))
+    except (build.KernelBuildError, OSError, RuntimeError) as err:
+        return False, str(err)
+    return True, str(path)
+
+
+def _state() -> tuple[bool, str]:
+    global _LOADED, _STATUS
+    if _LOADED is None:
+        _LOADED, _STATUS = _load()
+    return _LOADED, _STATUS
 
 
 def available() -> bool:
-    """Whether the compiled kernels are loaded (loading them on the first call)."""
-    global _LOADED
-    if _LOADED is None:
-        _LOADED = False
-        if os.environ.get('SSIU_NO_KERNELS', '') not in ('', '0'):
-            return False
-        for library in sorted(Path(__file__).parent.glob('_kernels*.so')):
-            try:
-                torch.ops.load_library(str(library))
-            except (OSError, RuntimeError):
-                continue
-            _LOADED = True
-            break
-    return _LOADED
+    """Whether the compiled kernels are loaded, loading (or building) them on the first call. When they cannot
+    be, the first call logs why, once per process, unless ``SSIU_NO_KERNELS`` switched them off."""
+    global _TOLD
+    loaded, _ = _state()
+    if not loaded and not _TOLD and not _switch('SSIU_NO_KERNELS'):
+        _TOLD = True
+        logging.getLogger(__name__).warning(status_line())
+    return loaded
+
+
+def status() -> tuple[bool, str]:
+    """(True, library path) when the compiled kernels are loaded, else (False, why not); loads them on the first
+    call. Its caller reports the state, so :func:`available` does not log it again."""
+    global _TOLD
+    _TOLD = True
+    return _state()
+
+
+def status_line() -> str:
+    """The state in one line, as ``ssiu infer`` and ``ssiu bench`` print it."""
+    loaded, detail = status()
+    if loaded:
+        return f'compiled CPU kernels: loaded ({detail})'
+    return f'compiled CPU kernels: unavailable ({detail}); about 2x slower'
 
 
 def depthwise_reflect(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, offset: int,

@@ -6,8 +6,9 @@ compat.apply()
 
 from basicsr.utils.registry import ARCH_REGISTRY  # noqa: E402
 
-from ssiu_arch import datasets_lmdb, losses  # noqa: E402,F401  (registration)
+from ssiu_arch import losses  # noqa: E402,F401  (registration)
 from ssiu_arch.archs import SSIU, IDSANet  # noqa: E402
+from ssiu_arch.datasets_lmdb import hr_only_dataset  # noqa: E402,F401  (registration)
 from ssiu_arch.models.ssiu_model import SSIUModel  # noqa: E402
 
 for _arch in (SSIU, IDSANet):

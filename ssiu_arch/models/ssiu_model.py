@@ -15,10 +15,7 @@ Add ``ssim_opt`` (:class:`~ssiu_arch.losses.SSIMUnfoldingLoss`) and/or ``moe_opt
 """
 from __future__ import annotations
 
-import csv
 import inspect
-import io
-import json
 import time
 from collections import OrderedDict
 from os import path as osp
@@ -31,18 +28,59 @@ from basicsr.models.sr_model import SRModel
 from basicsr.utils import get_root_logger, imwrite, tensor2img
 from basicsr.utils.dist_util import master_only
 from basicsr.utils.registry import MODEL_REGISTRY
-from torch.nn.parallel import DistributedDataParallel
+from torch.nn.parallel import DataParallel, DistributedDataParallel
 from tqdm import tqdm
 
 from ssiu_arch.archs.ssiu_arch import SSIU, pad_to_multiple
 from ssiu_arch.datasets_lmdb.imresize import imresize
-from ssiu_arch.utils.fileio import save_atomic, write_text_atomic
+from ssiu_arch.evaluation.metrics_schema import make_metrics, write_metrics
+from ssiu_arch.utils.fileio import save_atomic
+from ssiu_arch.utils.weights import CONFIG_KEY, STATE_KEYS, CheckpointError, read_checkpoint, save_weights
 
-__all__ = ['SSIUModel']
+__all__ = ['SSIUModel', 'compile_options', 'mixed_precision_dtype']
 
 # train.<key> -> (attribute, log name) of each loss SSIUModel builds
 LOSSES = OrderedDict([('pixel_opt', ('cri_pix', 'l_pix')), ('fft_opt', ('cri_fft', 'l_fft')),
                       ('ssim_opt', ('cri_ssim', 'l_ssim')), ('moe_opt', ('cri_moe', 'l_moe'))])
+
+# train.mixed_precision -> autocast dtype
+MIXED_PRECISION = {'bf16': torch.bfloat16, 'fp16': torch.float16}
+
+
+def compile_options(opt: dict) -> dict | None:
+    """``network_g_compile`` as ``torch.compile`` keywords, or None for an eager training step.
+
+    Raises ``ValueError`` naming the key for a value that is not a bool or a dict of ``torch.compile`` keywords.
+    """
+    value = opt.get('network_g_compile', False)
+    if value is None or value is False:
+        return None
+    if value is True:
+        return {}
+    if not isinstance(value, dict):
+        raise ValueError(f'network_g_compile: expected true, false or a dict of torch.compile keywords, got {value!r}')
+    known = [name for name in inspect.signature(torch.compile).parameters if name != 'model']
+    unknown = [key for key in value if key not in known]
+    if unknown:
+        raise ValueError(f'network_g_compile.{unknown[0]}: not a torch.compile keyword; it takes {", ".join(known)}')
+    return dict(value)
+
+
+def mixed_precision_dtype(opt: dict, device_type: str) -> torch.dtype | None:
+    """The autocast dtype of ``train.mixed_precision`` on ``device_type`` (``'cpu'``/``'cuda'``), None for float32.
+
+    Raises ``ValueError`` naming the key for an unknown value, fp16 on the CPU, or bf16 on a GPU without it.
+    """
+    value = (opt.get('train') or {}).get('mixed_precision', False)
+    if value is None or value is False:
+        return None
+    if value not in MIXED_PRECISION:
+        raise ValueError(f'train.mixed_precision: expected false, bf16 or fp16, got {value!r}')
+    if value == 'fp16' and device_type != 'cuda':
+        raise ValueError('train.mixed_precision: fp16 needs a CUDA device (num_gpu > 0); on the CPU use bf16 or false')
+    if value == 'bf16' and device_type == 'cuda' and not torch.cuda.is_bf16_supported():
+        raise ValueError('train.mixed_precision: this GPU does not support bf16; use fp16 or false')
+    return MIXED_PRECISION[value]
 
 
 @MODEL_REGISTRY.register()
@@ -72,23 +110,41 @@ class SSIUModel(SRModel):
       ``.state``, so auto-resume never picks a half-written state.
     * Validation: besides BasicSR's log and best-metric tracking, per-image and mean metrics go to
       ``<path.log>/metrics_<dataset>.json`` and ``.csv`` (rewritten at every validation), computed with
-      BasicSR's ``calculate_metric`` on ``tensor2img`` outputs as SRModel does. JSON schema::
-
-          {"name": str, "model": network class, "scale": int, "dataset": str, "crop_border": int,
-           "test_y_channel": bool, "iter": current_iter, "metrics": [metric names],
-           "images": [{"name": str, <metric>: float, ...}], "mean": {<metric>: float, ...}}
-
-      ``crop_border`` and ``test_y_channel`` come from the first metric's options; ``iter`` is the
-      iteration during training and, as BasicSR passes it, the option name under ``basicsr test``. The
-      CSV has one row per image (columns ``name`` and the metrics).
+      BasicSR's ``calculate_metric`` on ``tensor2img`` outputs as SRModel does. They are built, checked
+      and written by :mod:`ssiu_arch.evaluation.metrics_schema`, the schema ``ssiu results`` reads.
     * ``val.bicubic_baseline: true`` also logs, per validation set, the metrics of MATLAB bicubic upscaling
       of the same LR images (measured once, with the same metric options), so a log shows what the
       network must beat.
+    * Weights (``path.pretrain_network_g``) are read by :mod:`ssiu_arch.utils.weights`: ``.pth``/``.pt`` with
+      ``weights_only=True`` or ``.safetensors``, in BasicSR's, the published or a bare layout, NaN/Inf refused;
+      ``param_key`` and ``strict_load_g`` keep BasicSR's meaning (``params_ema`` falls back to ``params``).
+    * ``net_g_N.pth`` also holds the ``network_g`` options (beside ``params``); ``logger.save_safetensors: true``
+      also writes ``net_g_N.safetensors`` (the EMA weights when there are, options as metadata), for spandrel,
+      chaiNNer and ComfyUI.
     * Any image size: SSIU pads internally; another network with a ``pad_multiple`` attribute gets its
       input reflect-padded to that multiple in :meth:`test` and its output cropped back.
+
+    Training step options (checked when the model is built; a bad value raises ``ValueError`` naming the key):
+
+    * ``network_g_compile`` (top level, beside ``network_g``; default ``false``): ``true`` runs the training
+      forward through ``torch.compile`` with its defaults, a dict passes its keys to ``torch.compile``
+      (e.g. ``{dynamic: false, mode: max-autotune}``). Only the training step is compiled: ``net_g`` itself
+      stays the plain module, so validation and testing run eagerly at any image size, checkpoints keep the
+      plain state-dict keys (no ``_orig_mod.``) and EMA tracks the plain module. Under DDP, DDP wraps the
+      compiled network, as torch's guide to where to apply ``torch.compile`` recommends, and validation
+      calls the plain network inside both wrappers.
+      Compiling costs time at the first iteration; ``benchmarks/bench_train.py`` prints after how many
+      steps it pays off.
+    * ``train.mixed_precision`` (default ``false``): ``bf16`` or ``fp16`` runs the training forward under
+      ``torch.autocast``; the output and the auxiliary outputs (MoE gates renormalised) are cast back to
+      float32 before the losses. ``fp16`` needs CUDA and scales the loss with ``torch.amp.GradScaler`` (whose
+      state is not saved: a resumed run starts from its initial scale); ``bf16`` needs no scaler and also works
+      on the CPU. Validation and testing stay in float32.
     """
 
     def init_training_settings(self) -> None:
+        compile_kwargs = compile_options(self.opt)
+        self.amp_dtype = mixed_precision_dtype(self.opt, self.device.type)
         self.net_g.train()
         train_opt = self.opt['train']
         self.ema_decay = train_opt.get('ema_decay', 0)
@@ -104,6 +160,25 @@ class SSIUModel(SRModel):
         self._build_losses(train_opt)
         self.setup_optimizers()
         self.setup_schedulers()
+        self._setup_training_step(compile_kwargs)
+
+    def _setup_training_step(self, compile_kwargs: dict | None) -> None:
+        """The network the training step calls (``net_g``, or ``net_g`` compiled) and the fp16 loss scaler."""
+        logger = get_root_logger()
+        self.net_g_train = self.net_g
+        if compile_kwargs is not None:
+            if isinstance(self.net_g, DataParallel):
+                raise ValueError('network_g_compile: torch.compile does not support DataParallel (num_gpu > 1 '
+                                 'without a launcher); launch with torchrun and --launcher pytorch (DDP)')
+            if not self.opt['dist']:  # under DDP, model_to_device compiled the network inside DDP
+                self.net_g_train = torch.compile(self.net_g, **compile_kwargs)
+            kwargs = ', '.join(f'{k}={v!r}' for k, v in compile_kwargs.items())
+            logger.info(f'Training forward compiled with torch.compile({kwargs}); the first iterations include '
+                        'the compilation')
+        self.grad_scaler = torch.amp.GradScaler(self.device.type) if self.amp_dtype == torch.float16 else None
+        if self.amp_dtype is not None:
+            logger.info(f'Mixed precision: {self.opt["train"]["mixed_precision"]} autocast for the training forward on '
+                        f'{self.device.type}, losses in float32' + (', loss scaling' if self.grad_scaler else ''))
 
     def _build_losses(self, train_opt: dict) -> None:
         unknown = [k for k, v in train_opt.items() if k.endswith('_opt') and k not in LOSSES and v]
@@ -139,18 +214,36 @@ class SSIUModel(SRModel):
                              f'{", ".join(f"{k}={v!r}" for k, v in kwargs.items())}): {err}') from err
 
     def model_to_device(self, net: torch.nn.Module) -> torch.nn.Module:
-        if self.opt['dist'] and self.device.type == 'cpu':
-            return DistributedDataParallel(net.to(self.device),
-                                           find_unused_parameters=self.opt.get('find_unused_parameters', False))
-        return super().model_to_device(net)
+        if not self.opt['dist']:
+            return super().model_to_device(net)
+        net = net.to(self.device)
+        compile_kwargs = compile_options(self.opt) if self.is_train else None
+        if compile_kwargs is not None:  # DDP around the compiled network, as torch's compile guide recommends
+            net = torch.compile(net, **compile_kwargs)
+        device_ids = [torch.cuda.current_device()] if self.device.type == 'cuda' else None
+        return DistributedDataParallel(net, device_ids=device_ids,
+                                       find_unused_parameters=self.opt.get('find_unused_parameters', False))
+
+    def get_bare_model(self, net: torch.nn.Module) -> torch.nn.Module:
+        """The network inside DDP/DataParallel and inside a ``torch.compile`` wrapper."""
+        bare = super().get_bare_model(net)
+        return getattr(bare, '_orig_mod', bare)
 
     def optimize_parameters(self, current_iter: int) -> None:
         self.optimizer_g.zero_grad()
         aux = {}
-        if self.use_aux:  # call the (possibly DDP-wrapped) net_g so that gradients are synchronised
-            self.output, aux = self.net_g(self.lq, return_aux=True)
-        else:
-            self.output = self.net_g(self.lq)
+        # net_g_train is net_g (possibly DDP-wrapped, so gradients are synchronised) or net_g compiled
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            if self.use_aux:
+                self.output, aux = self.net_g_train(self.lq, return_aux=True)
+            else:
+                self.output = self.net_g_train(self.lq)
+        if self.amp_dtype is not None:  # losses in float32: half-precision FFTs and sums lose accuracy
+            self.output = self.output.float()
+            if aux:  # half-precision gates sum to 1 only within ~1e-2: renormalised over the experts
+                gates = aux['gates'].float()
+                aux = {'gates': gates / gates.sum(dim=1, keepdim=True),
+                       'step_outputs': [step.float() for step in aux['step_outputs']]}
 
         loss_dict = OrderedDict()
         if self.cri_pix:
@@ -163,8 +256,13 @@ class SSIUModel(SRModel):
             loss_dict['l_moe'] = self.cri_moe(aux['gates'])
         l_total = sum(loss_dict.values())
         loss_dict['l_total'] = l_total
-        l_total.backward()
-        self.optimizer_g.step()
+        if self.grad_scaler is not None:
+            self.grad_scaler.scale(l_total).backward()
+            self.grad_scaler.step(self.optimizer_g)
+            self.grad_scaler.update()
+        else:
+            l_total.backward()
+            self.optimizer_g.step()
 
         self.log_dict = self.reduce_loss_dict(loss_dict)
         if self.ema_decay > 0:
@@ -175,7 +273,8 @@ class SSIUModel(SRModel):
         return 1 if isinstance(bare, SSIU) else int(getattr(bare, 'pad_multiple', 1) or 1)
 
     def test(self) -> None:
-        net = self.net_g_ema if hasattr(self, 'net_g_ema') else self.net_g
+        # the plain network, eagerly: no DDP forward, no compilation for each validation image size
+        net = self.get_bare_model(self.net_g_ema if hasattr(self, 'net_g_ema') else self.net_g)
         h, w = self.lq.shape[-2:]
         lq = pad_to_multiple(self.lq, self._pad_multiple(net))
         was_training = net.training
@@ -250,30 +349,19 @@ class SSIUModel(SRModel):
         return osp.join(self.opt['path']['visualization'], dataset_name, f'{img_name}_{suffix}.png')
 
     def _write_metrics(self, dataset_name: str, current_iter, images: list[dict]) -> None:
-        """Write ``metrics_<dataset>.json`` and ``.csv`` beside the log (schema in the class docstring)."""
+        """Write ``metrics_<dataset>.json`` and ``.csv`` beside the log, through the metrics schema."""
         metrics_opt = self.opt['val']['metrics']
         first = next(iter(metrics_opt.values()))
         names = list(metrics_opt)
-        record = {
-            'name': self.opt['name'],
-            'model': type(self.get_bare_model(self.net_g)).__name__,
-            'scale': int(self.opt.get('scale', 1)),
-            'dataset': dataset_name,
-            'crop_border': int(first.get('crop_border', 0)),
-            'test_y_channel': bool(first.get('test_y_channel', False)),
-            'iter': current_iter,
-            'metrics': names,
-            'images': images,
-            'mean': {name: float(self.metric_results[name]) for name in names},
-        }
-        stem = osp.join(self.opt['path']['log'], f'metrics_{dataset_name}')
-        write_text_atomic(f'{stem}.json', json.dumps(record, indent=2) + '\n')
-        table = io.StringIO()
-        writer = csv.DictWriter(table, fieldnames=['name', *names], lineterminator='\n')
-        writer.writeheader()
-        writer.writerows(images)
-        write_text_atomic(f'{stem}.csv', table.getvalue())
-        get_root_logger().info(f'Per-image metrics of {dataset_name} written to {stem}.json and .csv')
+        doc = make_metrics(name=self.opt['name'], model=type(self.get_bare_model(self.net_g)).__name__,
+                           scale=int(self.opt.get('scale', 1)), dataset=dataset_name,
+                           crop_border=int(first.get('crop_border', 0)),
+                           test_y_channel=bool(first.get('test_y_channel', False)), iter=current_iter,
+                           metrics=names, images=images,
+                           mean={name: float(self.metric_results[name]) for name in names},
+                           origin=f'validation of {dataset_name}')
+        path = write_metrics(self.opt['path']['log'], doc)
+        get_root_logger().info(f'Per-image metrics of {dataset_name} written to {path} and .csv')
 
     def _save_atomic_with_retry(self, obj: object, save_path: str) -> None:
         """``save_atomic`` with BasicSR's three attempts; a failed save is logged and skipped, as in BasicSR."""
@@ -288,9 +376,28 @@ class SSIUModel(SRModel):
                     time.sleep(1)
         logger.warning(f'Still cannot save {save_path}; the previous file is kept.')
 
+    def load_network(self, net, load_path: str, strict: bool = True, param_key: str | None = 'params') -> None:
+        """BasicSR's ``load_network`` reading any layout and ``.safetensors`` (see the class docstring)."""
+        logger = get_root_logger()
+        net = self.get_bare_model(net)
+        try:
+            state, _ = read_checkpoint(load_path, param_key)
+        except CheckpointError:
+            if param_key is None:
+                raise
+            state, _ = read_checkpoint(load_path)  # BasicSR falls back to params; we to any layout we read
+            logger.info(f'Loading: {load_path} has no {param_key}; using its {"/".join(STATE_KEYS)} weights.')
+        logger.info(f'Loading {net.__class__.__name__} model from {load_path}, with param key: [{param_key}].')
+        self._print_different_keys_loading(net, state, strict)
+        try:
+            net.load_state_dict(state, strict=strict)
+        except RuntimeError as err:
+            raise CheckpointError(f'{load_path}: does not fit network_g {net.__class__.__name__}: '
+                                  f'{" ".join(str(err).split())[:300]}') from None
+
     @master_only
     def save_network(self, net, net_label: str, current_iter: int, param_key='params') -> None:
-        """BasicSR's ``save_network`` (same file name and layout), written atomically."""
+        """BasicSR's ``save_network`` (same file name, plus the ``network_g`` options), written atomically."""
         label_iter = 'latest' if current_iter == -1 else current_iter
         save_path = osp.join(self.opt['path']['models'], f'{net_label}_{label_iter}.pth')
         nets = net if isinstance(net, list) else [net]
@@ -301,7 +408,16 @@ class SSIUModel(SRModel):
         for net_, key in zip(nets, param_keys):
             state_dict = self.get_bare_model(net_).state_dict()
             save_dict[key] = OrderedDict((k.removeprefix('module.'), v.cpu()) for k, v in state_dict.items())
+        options = self.opt.get(CONFIG_KEY)
+        if net_label == 'net_g' and options:
+            save_dict[CONFIG_KEY] = dict(options)
         self._save_atomic_with_retry(save_dict, save_path)
+        if net_label == 'net_g' and self.opt.get('logger', {}).get('save_safetensors'):
+            key = next(k for k in STATE_KEYS if k in save_dict)
+            try:
+                save_weights(save_path[:-len('.pth')] + '.safetensors', save_dict[key], options, 'safetensors')
+            except Exception as err:  # like a failed .pth save: logged, training goes on
+                get_root_logger().warning(f'Cannot save {save_path[:-4]}.safetensors: {err}')
 
     @master_only
     def save_training_state(self, epoch: int, current_iter: int) -> None:

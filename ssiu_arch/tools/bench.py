@@ -33,8 +33,10 @@ import yaml
 from torch import nn
 
 from ssiu_arch import archs
+from ssiu_arch.cpu import kernels
 from ssiu_arch.cpu.engine import ENGINE
 from ssiu_arch.cpu.memory import retain_freed_memory
+from ssiu_arch.tools.common import positive_int
 from ssiu_arch.utils.fileio import write_text_atomic
 from ssiu_arch.utils.profiling import count_macs, count_params, lr_size_for
 
@@ -236,12 +238,6 @@ def _parse_input(text: str) -> tuple[int, int]:
     return h, w
 
 
-def _positive_int(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f'expected a positive integer, got {text!r}')
-    return int(text)
-
-
 def _parse_net_opt(items: list[str]) -> dict:
     opts = {}
     for item in items:
@@ -259,6 +255,7 @@ def _run(args: argparse.Namespace) -> int:
     malloc = 'default' if args.default_malloc else 'retain freed memory'
     print(f'machine: {machine_description()}; threads {args.threads}; malloc {malloc}; load average '
           f'{load_average()}', flush=True)
+    print(kernels.status_line(), flush=True)
     rows = []
     for arch in args.arch:
         for scale in args.scale:
@@ -283,11 +280,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                     '(multiply-adds/s relative to a dense float32 2048x2048 matmul in the same process). glibc '
                     'malloc is set to keep freed memory unless --default-malloc is given.')
     parser.add_argument('--arch', nargs='+', default=['SSIU'], help='registered architecture names (default SSIU)')
-    parser.add_argument('--scale', nargs='+', type=_positive_int, default=[2, 3, 4], help='scales (default 2 3 4)')
+    parser.add_argument('--scale', nargs='+', type=positive_int, default=[2, 3, 4], help='scales (default 2 3 4)')
     parser.add_argument('--input', type=_parse_input, default=None,
                         help='LR input WIDTHxHEIGHT (default per scale: 640x360, 426x240, 320x180)')
-    parser.add_argument('--threads', type=_positive_int, default=2, help='torch.set_num_threads (default 2)')
-    parser.add_argument('--runs', type=_positive_int, default=5, help='timed passes after the first (default 5)')
+    parser.add_argument('--threads', type=positive_int, default=2, help='torch.set_num_threads (default 2)')
+    parser.add_argument('--runs', type=positive_int, default=5, help='timed passes after the first (default 5)')
     parser.add_argument('--net-opt', nargs='*', default=[], metavar='KEY=VALUE',
                         help='extra network keyword arguments, values in YAML syntax')
     parser.add_argument('--default-malloc', action='store_true',

@@ -1,0 +1,65 @@
+"""Inference precision: ``fp32``, ``bf16`` or ``fp16``, and which one actually runs on a device.
+
+Lower precisions run the network under :func:`torch.autocast`: convolutions and matrix products take the low
+precision, while autocast's op lists keep LayerNorm, softmax and reductions in float32. The input and the
+final image stay float32 (callers blend tiles in float32).
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from ssiu_arch.utils.cpu_features import native_bf16
+
+PRECISIONS = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
+
+# bfloat16 autocast of the reference network against the compiled float32 CPU path, side by side on an x86
+# CPU with avx512_bf16 (torch 2.13, 2 shared threads, full-width SSIU): best-of-three latency ratio 1.1 and 1.8
+# at x4 on 160x90, 1.9 at x2 on 320x180; single runs 1.1 to 5.9; never faster. Until a bfloat16 CPU engine
+# exists, bf16 requests on the CPU run float32 with a notice.
+CPU_BF16_FASTER = False
+
+
+class PrecisionError(ValueError):
+    """A precision the device cannot run."""
+
+
+def check_precision(precision: str) -> str:
+    """``precision`` if it is one of :data:`PRECISIONS`, else :class:`PrecisionError`."""
+    if precision not in PRECISIONS:
+        raise PrecisionError(f'precision {precision!r}: expected one of {", ".join(PRECISIONS)}')
+    return precision
+
+
+def resolve_precision(precision: str, device: str | torch.device) -> tuple[str, str | None]:
+    """The precision to run for a request on ``device``, and a one-line notice when it differs.
+
+    CPU: fp16 is refused (:class:`PrecisionError`; CPU float16 autocast runs 15-20x slower than float32);
+    bf16 runs as fp32 where the CPU lacks native bfloat16, and also where it has it, as long as bfloat16 is
+    not faster than the float32 engine (:data:`CPU_BF16_FASTER`). CUDA: fp16 always, bf16 where the GPU
+    supports it.
+    """
+    check_precision(precision)
+    device_type = torch.device(device).type
+    if precision == 'fp32':
+        return precision, None
+    if device_type == 'cpu':
+        if precision == 'fp16':
+            raise PrecisionError('precision fp16 needs a CUDA device (float16 on the CPU is many times slower '
+                                 'than float32); use bf16 or fp32')
+        if not native_bf16():
+            return 'fp32', 'precision bf16: this CPU has no native bfloat16 (avx512_bf16/amx_bf16), running fp32'
+        if not CPU_BF16_FASTER:
+            return 'fp32', 'precision bf16: not faster than fp32 on the CPU yet, running fp32'
+        return precision, None
+    if device_type == 'cuda' and precision == 'bf16' and not torch.cuda.is_bf16_supported(including_emulation=False):
+        raise PrecisionError('precision bf16: this GPU has no native bfloat16; use fp16 or fp32')
+    return precision, None
+
+
+def autocast(precision: str, device: str | torch.device) -> contextlib.AbstractContextManager:
+    """A context that runs a network in ``precision`` on ``device``: nothing for fp32, else autocast."""
+    if check_precision(precision) == 'fp32':
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=PRECISIONS[precision])
