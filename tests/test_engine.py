@@ -300,6 +300,13 @@ def test_engine_stands_aside_for_the_environment_switch(monkeypatch):
         assert ENGINE.accepts(net, x)
 
 
+def test_engine_stands_aside_under_autocast():
+    net, x = tiny(), torch.rand(1, 3, 16, 16)
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        assert not ENGINE.accepts(net, x)
+        assert torch.isfinite(net(x)).all()
+
+
 def test_engine_stands_aside_under_a_flop_counter():
     net, x = tiny(), torch.rand(1, 3, 16, 16)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:

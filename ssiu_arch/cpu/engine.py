@@ -105,8 +105,8 @@ class Engine:
 
         True only when all of these hold:
 
-        - ``x`` and every parameter are float32 CPU tensors, and no gradient is needed (autograd is off, or
-          neither ``x`` nor any parameter requires one);
+        - ``x`` and every parameter are float32 CPU tensors, CPU autocast is off, and no gradient is needed
+          (autograd is off, or neither ``x`` nor any parameter requires one);
         - nothing is tracing, scripting, compiling or exporting (``torch.jit``, ``torch.compile``,
           ``torch.export``, ONNX), and no ``TorchDispatchMode`` (such as ``FlopCounterMode``) is active;
         - the compiled kernels are loaded and oneDNN is enabled, ``SSIU_NO_KERNELS`` is unset (or 0) and
@@ -124,7 +124,8 @@ class Engine:
                 and not (grad and x.requires_grad)):
             return False
         if (torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling()
-                or torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export() or _len_torch_dispatch_stack()):
+                or torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export() or _len_torch_dispatch_stack()
+                or torch.is_autocast_enabled('cpu')):
             return False
         if (os.environ.get('SSIU_NO_KERNELS', '') not in ('', '0') or not net.use_engine or _ONEDNN_CONV is None
                 or not torch.backends.mkldnn.is_available() or not torch.backends.mkldnn.enabled):
