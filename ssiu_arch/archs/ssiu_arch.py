@@ -87,7 +87,10 @@ class ChannelLayerNorm(nn.Module):
         self.body = nn.LayerNorm(num_feat, eps=eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        out = self.body(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        # Inductor (torch 2.13) cannot sort the symbolic strides of this permuted map when a training graph with
+        # dynamic shapes saves it for backward: compiled graphs get a real NCHW copy instead of the view.
+        return out.contiguous() if torch.compiler.is_compiling() else out
 
 
 class MSGM(nn.Module):
