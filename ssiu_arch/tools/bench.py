@@ -37,6 +37,7 @@ from ssiu_arch.cpu import kernels
 from ssiu_arch.cpu.engine import ENGINE
 from ssiu_arch.cpu.memory import retain_freed_memory
 from ssiu_arch.tools.common import positive_int
+from ssiu_arch.utils.cpu_features import describe_cpu
 from ssiu_arch.utils.fileio import write_text_atomic
 from ssiu_arch.utils.profiling import count_macs, count_params, lr_size_for
 
@@ -102,7 +103,7 @@ def machine_description() -> str:
                 break
     except OSError:
         pass
-    return f'{name}, {os.cpu_count()} CPUs'
+    return f'{name}, {os.cpu_count()} CPUs ({describe_cpu()})'
 
 
 def load_average() -> str:

@@ -2,7 +2,7 @@
 //
 // Each replaces a chain of eager PyTorch passes over full-size maps by one pass; on CPU the cost of those
 // maps is memory traffic, not arithmetic. They have no autograd formula: training, tracing and ONNX export
-// compose the same results from standard operators (see ssiu_arch/kernels.py).
+// compose the same results from standard operators (see ssiu_arch/cpu/kernels.py and ssiu_arch/cpu/engine.py).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
