@@ -3,7 +3,9 @@
 A crash, kill or full disk mid-write therefore leaves either the previous file or none, never a
 truncated one; temporary names start with a dot and end in ``.tmp<pid>`` (plus ``suffix``), so
 nothing that scans for ``*.pth``, ``*.state`` or ``*.png`` picks them up. A process killed mid-write
-leaves its temporary file behind; :func:`remove_stale_temporaries` deletes those of dead processes.
+leaves its temporary file behind; :func:`remove_stale_temporaries` deletes those of dead processes, and
+:func:`replace_atomic` calls it on each folder the first time a process writes there (checkpoints, converted
+weights, exports, tables, images).
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from pathlib import Path
 import torch
 
 _TEMPORARY = re.compile(r'^\.(?P<name>.+)\.tmp(?P<pid>\d+)(?P<suffix>[^\d].*)?$')
+_SWEPT: set[Path] = set()  # folders whose stale temporaries this process has removed
 
 
 def temporary_path(path: Path, suffix: str = '') -> Path:
@@ -59,9 +62,16 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
 
 
 def replace_atomic(path: str | os.PathLike, write: Callable[[Path], None], suffix: str = '') -> None:
-    """Call ``write(tmp)`` for a temporary name beside ``path`` (folders created), then rename it to ``path``."""
+    """Call ``write(tmp)`` for a temporary name beside ``path`` (folders created), then rename it to ``path``.
+
+    The first write of a process into a folder also removes the temporaries that killed runs left there.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    folder = path.parent.resolve()
+    if folder not in _SWEPT:
+        remove_stale_temporaries(folder)
+        _SWEPT.add(folder)
     tmp = temporary_path(path, suffix)
     try:
         write(tmp)
