@@ -37,6 +37,7 @@ setup(
     # it. The tested versions are pinned in scripts/constraints.txt, which scripts/setup.sh applies.
     install_requires=[
         'torch>=2.6',
+        'einops>=0.7',  # the networks' tensor layouts (ESAM windows)
         # The CPU kernels' first-use build: its lock, and the build tool torch.utils.cpp_extension.load runs.
         'filelock>=3.0',
         'ninja>=1.11',
