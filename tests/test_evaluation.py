@@ -157,3 +157,21 @@ def test_basicsr_test_writes_results_that_ssiu_results_reads(tmp_path, capsys):
     doc = read_metrics(results / 'metrics_Set5.json', scale=4, required_metrics=('psnr', 'ssim'))
     row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith('| test_SSIU_x4 '))
     assert f'{doc["mean"]["psnr"]:.2f} / {doc["mean"]["ssim"]:.4f}' in row and len(doc['images']) == 5
+
+
+def test_evaluation_reads_images_as_basicsr_validation_does(tmp_path):
+    import cv2
+    import numpy as np
+    from basicsr.utils import imfrombytes
+
+    import ssiu_arch.models  # noqa: F401  (compatibility fixes before basicsr is imported)
+
+    rng = np.random.default_rng(0)
+    made = {'gray.png': rng.integers(0, 256, (7, 9), dtype=np.uint8),
+            'rgba.png': rng.integers(0, 256, (7, 9, 4), dtype=np.uint8),
+            'deep.png': rng.integers(0, 65536, (7, 9, 3), dtype=np.uint16)}
+    for name, img in made.items():
+        cv2.imwrite(str(tmp_path / name), img)
+    paths = [*(tmp_path / name for name in made), *sorted((BENCH / 'Set14' / 'HR').glob('*.png'))]
+    for path in paths:
+        assert np.array_equal(read_image(path), imfrombytes(path.read_bytes(), flag='color')), path.name

@@ -1,6 +1,6 @@
 """The bicubic baseline, measured as BasicSR's validation measures a network.
 
-8-bit BGR images read with BasicSR's ``imfrombytes`` (grayscale expanded to three channels, as
+8-bit BGR images read as BasicSR's ``imfrombytes`` reads them (grayscale expanded to three channels, as
 ``PairedImageDataset`` reads them), LR upscaled by MATLAB-compatible bicubic ``imresize``, HR cropped to LR
 size x s, ``basicsr.metrics.calculate_psnr`` / ``calculate_ssim`` on the Y channel (BT.601, 16-235) with
 ``crop_border = s``. Results are metrics documents (:mod:`ssiu_arch.evaluation.metrics_schema`).
@@ -18,18 +18,16 @@ from ssiu_arch.evaluation.errors import ResultsError
 from ssiu_arch.evaluation.metrics_schema import make_metrics
 from ssiu_arch.evaluation.published_ssim import published_ssim
 from ssiu_arch.evaluation.table import Entry, entries_from_results
+from ssiu_arch.utils import images
+from ssiu_arch.utils.images import to_bgr8
 
 
 def read_image(path: Path) -> np.ndarray:
-    """8-bit BGR HxWx3 image, decoded as BasicSR's ``imfrombytes`` does."""
-    import ssiu_arch.models  # noqa: F401  (compatibility fixes before basicsr is imported)
-    # isort: split
-    from basicsr.utils import imfrombytes
-
-    img = imfrombytes(path.read_bytes(), flag='color')
-    if img is None:
-        raise ResultsError(f'{path}: not a readable image')
-    return img
+    """8-bit BGR HxWx3 image, as BasicSR's ``imfrombytes`` decodes it for validation (:func:`to_bgr8`)."""
+    try:
+        return to_bgr8(images.read_image(path))
+    except images.ImageError as err:
+        raise ResultsError(str(err)) from None
 
 
 def bicubic_upscale(lr: np.ndarray, scale: int) -> np.ndarray:

@@ -18,7 +18,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-__all__ = ['ImageError', 'decode_image', 'exif_orientation', 'apply_orientation', 'read_file', 'read_image']
+__all__ = ['ImageError', 'apply_orientation', 'decode_image', 'exif_orientation', 'read_file', 'read_image', 'to_bgr8']
 
 _EXIF_ORIENTATION = 0x0112
 _KINDS = ((stat.S_ISDIR, 'a folder'), (stat.S_ISFIFO, 'a FIFO (named pipe)'), (stat.S_ISSOCK, 'a socket'),
@@ -106,3 +106,14 @@ def decode_image(data: bytes, source: str | os.PathLike, orient: bool = True) ->
 def read_image(path: str | os.PathLike, orient: bool = True) -> np.ndarray:
     """Read an image file as :func:`decode_image` does; :class:`ImageError` names the file on any failure."""
     return decode_image(read_file(path), path, orient)
+
+
+def to_bgr8(img: np.ndarray) -> np.ndarray:
+    """An image of :func:`decode_image` as OpenCV's ``IMREAD_COLOR`` (and so BasicSR's ``imfrombytes``) gives it:
+    8-bit (16-bit samples keep their high byte, as OpenCV's PNG decoder strips them), three BGR channels (gray
+    repeated, alpha dropped)."""
+    if img.dtype == np.uint16:
+        img = (img >> 8).astype(np.uint8)
+    if img.ndim == 2:
+        return cv2.cvtColor(img, cv2.COLOR_GRAY2BGR)
+    return np.ascontiguousarray(img[..., :3])
