@@ -17,7 +17,7 @@ from ssiu_arch.archs.ssiu_arch import SSIU
 from ssiu_arch.utils.weights import read_checkpoint
 
 SET5 = Path(__file__).parent / 'data' / 'benchmark' / 'Set5'
-NETWORK = {'type': 'SSIU', 'upscale': 2, 'num_feat': 16, 'num_block': 3}
+NETWORK = {'type': 'SSIU', 'upscale': 2, 'num_feat': 16, 'num_block': 1}  # one step keeps compiling quick
 
 
 def make_opt(tmp_path: Path, network_g_compile=False, **train) -> dict:
@@ -109,7 +109,7 @@ def test_compiled_training_validates_at_odd_size_and_saves_plain_keys(tmp_path):
     for key in ('params', 'params_ema'):
         state = read_checkpoint(path, key)[0]
         assert not any('_orig_mod' in k for k in state)
-        SSIU(upscale=2, num_feat=16, num_block=3).load_state_dict(state, strict=True)
+        SSIU(upscale=2, num_feat=16, num_block=1).load_state_dict(state, strict=True)
     assert all(torch.equal(v, model.net_g.state_dict()[k]) for k, v in read_checkpoint(path, 'params')[0].items())
 
 
@@ -139,7 +139,7 @@ def test_under_ddp_the_compiled_network_is_inside_ddp_and_validation_and_saving_
         assert math.isfinite(model.metric_results['psnr'])
         model.save(epoch=0, current_iter=0)
         (path,) = (tmp_path / 'models').glob('net_g_0.*')
-        SSIU(upscale=2, num_feat=16, num_block=3).load_state_dict(read_checkpoint(path, 'params')[0], strict=True)
+        SSIU(upscale=2, num_feat=16, num_block=1).load_state_dict(read_checkpoint(path, 'params')[0], strict=True)
     finally:
         dist.destroy_process_group()
 
