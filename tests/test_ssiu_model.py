@@ -16,6 +16,7 @@ from basicsr.metrics import calculate_psnr, calculate_ssim
 from basicsr.models import build_model
 from basicsr.utils import scandir, tensor2img
 from basicsr.utils.registry import MODEL_REGISTRY
+from conftest import training_batch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
@@ -60,22 +61,6 @@ def make_opt(tmp_path: Path, is_train: bool = True, **train_overrides) -> dict:
         opt['path'][key] = str(tmp_path / key)
         (tmp_path / key).mkdir(exist_ok=True)
     return opt
-
-
-def read_rgb(path: Path) -> torch.Tensor:
-    img = cv2.imread(str(path), cv2.IMREAD_COLOR)[..., ::-1].copy()
-    return torch.from_numpy(img).permute(2, 0, 1).float() / 255
-
-
-def training_batch(lr_size: int = 24) -> dict:
-    """Aligned real patches: Set5 X2 LR crops and the matching HR crops."""
-    lq, gt = [], []
-    for name, (top, left) in (('baby', (60, 50)), ('butterfly', (40, 70))):
-        lr = read_rgb(BENCHMARK / 'Set5' / 'LR_bicubic' / 'X2' / f'{name}x2.png')
-        hr = read_rgb(BENCHMARK / 'Set5' / 'HR' / f'{name}.png')
-        lq.append(lr[:, top:top + lr_size, left:left + lr_size])
-        gt.append(hr[:, 2 * top:2 * (top + lr_size), 2 * left:2 * (left + lr_size)])
-    return {'lq': torch.stack(lq), 'gt': torch.stack(gt)}
 
 
 def test_all_four_losses_logged_finite_and_decreasing(tmp_path):

@@ -10,13 +10,13 @@ import torch
 import torch.distributed as dist
 from basicsr.data.paired_image_dataset import PairedImageDataset
 from basicsr.models import build_model
+from conftest import SET5, read_rgb, training_batch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from ssiu_arch.archs.ssiu_arch import SSIU
 from ssiu_arch.utils.weights import read_checkpoint
 
-SET5 = Path(__file__).parent / 'data' / 'benchmark' / 'Set5'
 NETWORK = {'type': 'SSIU', 'upscale': 2, 'num_feat': 16, 'num_block': 1}  # one step keeps compiling quick
 
 
@@ -45,22 +45,6 @@ def make_opt(tmp_path: Path, network_g_compile=False, **train) -> dict:
     return opt
 
 
-def read_rgb(path: Path) -> torch.Tensor:
-    img = cv2.imread(str(path), cv2.IMREAD_COLOR)[..., ::-1].copy()
-    return torch.from_numpy(img).permute(2, 0, 1).float() / 255
-
-
-def training_batch(lr_size: int = 16) -> dict:
-    """Two aligned Set5 x2 patches (LR and HR)."""
-    lq, gt = [], []
-    for name, (top, left) in (('baby', (60, 50)), ('butterfly', (40, 70))):
-        lr = read_rgb(SET5 / 'LR_bicubic' / 'X2' / f'{name}x2.png')
-        hr = read_rgb(SET5 / 'HR' / f'{name}.png')
-        lq.append(lr[:, top:top + lr_size, left:left + lr_size])
-        gt.append(hr[:, 2 * top:2 * (top + lr_size), 2 * left:2 * (left + lr_size)])
-    return {'lq': torch.stack(lq), 'gt': torch.stack(gt)}
-
-
 def odd_size_val_loader(tmp_path: Path) -> DataLoader:
     """A validation set of one 19x23 LR image (38x46 HR): sides that are neither even nor multiples of 16."""
     for folder, img, scale in (('lq', 'LR_bicubic/X2/babyx2.png', 1), ('gt', 'HR/baby.png', 2)):
@@ -74,7 +58,7 @@ def odd_size_val_loader(tmp_path: Path) -> DataLoader:
 
 
 def step_losses_and_grads(model) -> tuple[dict, dict]:
-    model.feed_data(training_batch())
+    model.feed_data(training_batch(16))
     model.optimize_parameters(1)
     grads = {name: p.grad.clone() for name, p in model.get_bare_model(model.net_g).named_parameters()}
     return dict(model.get_current_log()), grads
@@ -89,7 +73,7 @@ def test_compiled_training_validates_at_odd_size_and_saves_plain_keys(tmp_path):
     model = build_model(make_opt(tmp_path, network_g_compile={'dynamic': False}, ema_decay=0.9))
     assert model.net_g_train is not model.net_g and isinstance(model.net_g, SSIU)
     before = {k: v.clone() for k, v in model.net_g.state_dict().items()}
-    model.feed_data(training_batch())
+    model.feed_data(training_batch(16))
     for it in (1, 2):
         model.update_learning_rate(it)
         model.optimize_parameters(it)
@@ -150,7 +134,7 @@ def test_bf16_autocast_on_cpu_trains_with_finite_float32_losses(tmp_path):
     dtypes = []
     model.net_g.register_forward_pre_hook(
         lambda module, args: dtypes.append(torch.is_autocast_enabled('cpu') and torch.get_autocast_dtype('cpu')))
-    model.feed_data(training_batch())
+    model.feed_data(training_batch(16))
     before = model.net_g.head.weight.clone()
     for it in (1, 2):
         model.optimize_parameters(it)
@@ -161,7 +145,7 @@ def test_bf16_autocast_on_cpu_trains_with_finite_float32_losses(tmp_path):
     assert not torch.equal(model.net_g.head.weight, before)
     assert model.net_g.head.weight.dtype == torch.float32
     # validation stays float32
-    model.feed_data(training_batch())
+    model.feed_data(training_batch(16))
     model.test()
     assert model.output.dtype == torch.float32 and dtypes[-1] is False
 
@@ -171,7 +155,7 @@ def test_bf16_autocast_with_aux_losses(tmp_path):
                                  ssim_opt={'type': 'SSIMUnfoldingLoss', 'loss_weight': 0.1,
                                            'step_weights': [0.1, 0.1, 0.1]},
                                  moe_opt={'type': 'MoELoadBalancingLoss', 'loss_weight': 0.01}))
-    model.feed_data(training_batch())
+    model.feed_data(training_batch(16))
     model.optimize_parameters(1)
     assert all(math.isfinite(v) for v in model.get_current_log().values())
 

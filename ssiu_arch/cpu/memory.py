@@ -3,8 +3,8 @@
 Eager PyTorch allocates every intermediate map afresh. With glibc malloc's default settings, blocks above
 its mmap threshold (at most 32 MiB) get a fresh mapping and free space at the top of the heap goes back to
 the OS, so each new feature map is zero-filled page by page: SSIU x2 on 640x360 page-faults about 3
-million times per pass. :class:`ssiu_arch.archs.ssiu_arch.SSIU` processes large maps in row bands, from a smaller
-size in that case.
+million times per pass. The CPU inference engine (:mod:`ssiu_arch.cpu.engine`) processes large maps in row
+bands, from a smaller size in that case.
 """
 from __future__ import annotations
 
