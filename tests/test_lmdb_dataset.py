@@ -117,3 +117,19 @@ def test_unreadable_hr_is_named(tmp_path):
         dataset[0]
     with pytest.raises(ValueError, match='gt_size 33 must be a multiple of scale 2'):
         random_crop_and_downscale(np.zeros((64, 64, 3), np.uint8), 33, 2)
+
+
+def test_cache_decoded_gives_the_same_samples_and_stays_intact(data_dir):
+    bench = data_dir / 'benchmark' / 'Set14' / 'HR'
+    opt = {'dataroot_gt': str(bench), 'io_backend': {'type': 'disk'}, 'scale': 2, 'phase': 'train', 'gt_size': 64,
+           'use_hflip': True, 'use_rot': True}
+    plain = HROnlyBicubicDataset(copy.deepcopy(opt))
+    cached = HROnlyBicubicDataset({**copy.deepcopy(opt), 'cache_decoded': True})
+    for seed in range(12):  # flips and rotations in place must not reach the cached images
+        for index in (0, 5):
+            random.seed(seed)
+            want = plain[index]
+            random.seed(seed)
+            got = cached[index]
+            assert torch.equal(got['gt'], want['gt']) and torch.equal(got['lq'], want['lq']), (seed, index)
+    assert sorted(cached.cache) == sorted(plain.paths[i] for i in (0, 5))
