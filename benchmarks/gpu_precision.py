@@ -3,11 +3,15 @@
 For x2 and x4, the input is Set14 ``lenna`` resized to the LR size of a 1280x720 output (640x360, 320x180),
 run whole under ``torch.autocast`` (fp16/bf16) as ``ssiu infer --precision`` does. Latency is the median of
 ``--repeats`` synchronised runs after two warm-up runs; peak memory is ``torch.cuda.max_memory_allocated``
-over one run; PSNR compares each precision's output (clamped to [0, 1]) with the fp32 output. Without
-``--weights`` the full-width network (64 features, 9 steps) has random weights: latency and memory hold,
-PSNR only shows that the precision runs.
+over one run; "PSNR vs fp32" compares each precision's output (clamped to [0, 1]) with the fp32 output.
+Then, per precision, Set5 and Set14 PSNR/SSIM against HR (Y channel, crop border = scale, the results
+tables' metric code) and their change against fp32: the target is at most 0.05 dB.
 
-    python benchmarks/gpu_precision.py [--weights SSIU_x2.pth SSIU_x4.pth] [--repeats 20]
+The weights are the shipped CPU-trained zoo files (``benchmarks/weights/SSIU_x{2,4}_cpu1k.pth``) unless
+``--weights`` names others; ``--random`` times the full-width network with random weights instead (latency
+and memory hold, PSNR only shows that the precision runs). From a fresh checkout, environment included:
+
+    RUN=benchmarks/gpu_precision.py bash benchmarks/cuda_check.sh [--weights A.pth B.pth] [--repeats 20]
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
+from bench_precision_quality import compare_precisions, format_rows
 from torch import nn
 
 from ssiu_arch.archs.ssiu_arch import SSIU
@@ -26,7 +31,9 @@ from ssiu_arch.tools.common import load_weights_or_exit
 from ssiu_arch.utils.precision import autocast
 from ssiu_arch.utils.weights import infer_config
 
-IMAGE = Path(__file__).resolve().parents[1] / 'tests' / 'data' / 'benchmark' / 'Set14' / 'HR' / 'lenna.png'
+ROOT = Path(__file__).resolve().parents[1]
+IMAGE = ROOT / 'tests' / 'data' / 'benchmark' / 'Set14' / 'HR' / 'lenna.png'
+ZOO = [str(ROOT / 'benchmarks' / 'weights' / f'SSIU_x{s}_cpu1k.pth') for s in (2, 4)]
 OUTPUT_HW = (720, 1280)
 PRECISIONS = ('fp32', 'fp16', 'bf16')
 
@@ -84,9 +91,9 @@ def measure(net: nn.Module, x: torch.Tensor, precision: str, repeats: int) -> tu
     return statistics.median(times), peak, out
 
 
-def networks(weights: list[str]) -> list[tuple[str, int, nn.Module]]:
-    """(label, scale, network) per weights file, or the random full-width x2 and x4 networks."""
-    if not weights:
+def networks(weights: list[str] | None) -> list[tuple[str, int, nn.Module]]:
+    """(label, scale, network) per weights file, or (None) the random full-width x2 and x4 networks."""
+    if weights is None:
         torch.manual_seed(0)
         return [(f'random x{s}', s, SSIU(upscale=s)) for s in (2, 4)]
     nets = []
@@ -98,16 +105,18 @@ def networks(weights: list[str]) -> list[tuple[str, int, nn.Module]]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('--weights', nargs='*', default=[], help='SSIU checkpoints (default: random x2 and x4)')
+    parser.add_argument('--weights', nargs='+', default=ZOO, help='SSIU checkpoints (default: the shipped zoo)')
+    parser.add_argument('--random', action='store_true', help='random full-width x2 and x4 networks instead')
     parser.add_argument('--repeats', type=int, default=20, help='timed runs per case (default: %(default)s)')
     args = parser.parse_args(argv)
     device = require_cuda()
     print(f'{torch.cuda.get_device_name(device)}, torch {torch.__version__}, CUDA {torch.version.cuda}')
-    if not args.weights:
-        print('note: random weights (no --weights): latency and memory hold, PSNR only shows the precision runs')
+    if args.random:
+        print('note: random weights: latency and memory hold, PSNR only shows the precision runs')
     print(f'{"network":<20} {"prec":<5} {"input":>8} {"latency ms":>11} {"peak MiB":>9} {"finite":>6} '
           f'{"PSNR vs fp32":>13}')
-    for label, scale, net in networks(args.weights):
+    quality = []
+    for label, scale, net in networks(None if args.random else args.weights):
         net = net.eval().to(device)
         x = sample_input(scale).to(device)
         reference = None
@@ -119,11 +128,18 @@ def main(argv: list[str] | None = None) -> int:
             latency, peak, out = measure(net, x, precision, args.repeats)
             reference = out if reference is None else reference
             finite = bool(torch.isfinite(out).all())
-            quality = f'{psnr(out, reference):13.2f}' if finite else f'{"-":>13}'
-            print(f'{label:<20} {precision:<5} {size:>8} {latency:11.2f} {peak:9.1f} {str(finite):>6} {quality}',
+            versus = f'{psnr(out, reference):13.2f}' if finite else f'{"-":>13}'
+            print(f'{label:<20} {precision:<5} {size:>8} {latency:11.2f} {peak:9.1f} {str(finite):>6} {versus}',
                   flush=True)
-        del net
-        torch.cuda.empty_cache()
+        if not args.random:
+            quality.append((label, scale, net))
+    for label, scale, net in quality:
+        precisions = [p for p in PRECISIONS if p != 'bf16' or torch.cuda.is_bf16_supported(including_emulation=False)]
+        results = compare_precisions(net, scale, precisions=precisions, device='cuda')
+        print('\n'.join(format_rows(label, scale, results)), flush=True)
+        worst = max(abs(m['psnr'] - by['fp32']['psnr']) for by in results.values() for m in by.values())
+        print(f'{label}: largest PSNR change against fp32 {worst:.4f} dB '
+              f'({"within" if worst <= 0.05 else "ABOVE"} the 0.05 dB target)')
     return 0
 
 

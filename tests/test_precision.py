@@ -1,7 +1,8 @@
 """Inference precision: --precision parsing, bf16 autocast accuracy, CPU fallbacks, fp16 ONNX export."""
 from __future__ import annotations
 
-import importlib.util
+import importlib
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -133,10 +134,10 @@ def test_export_cli_fp16(weights, tmp_path, capsys):
 
 
 def load_benchmark(name: str):
-    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f'{name}.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """A script of benchmarks/, imported as the scripts import each other (their folder on sys.path)."""
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
+    return importlib.import_module(name)
 
 
 def test_quality_script_scores_each_precision():
