@@ -1,16 +1,17 @@
-"""Train the CPU model-zoo weights: full-width SSIU (64 features, 9 steps) at x2 or x4, 1,000 iterations, on the CPU.
+"""Train the CPU model-zoo weights on the CPU and package them with their sha256.
 
-The training is ``basicsr train -opt options/train_SSIU_x{2,4}_cpu1k.yml``, run as a user runs it: the 14 Set14 HR
-images shipped in ``tests/data`` (LR made on the fly by MATLAB bicubic), validated on Set5, never trained on.
-The last checkpoint is then written as ``benchmarks/weights/SSIU_x{scale}_cpu1k.pth`` (``params`` and the
-``network_g`` options, BasicSR's layout), its sha256 is recorded in ``benchmarks/weights/SHA256SUMS`` and its
-Set5/Set14 PSNR/SSIM (Y channel, crop border = scale) are printed. Set14 is the training set: its figures are
-not a held-out result.
+``--run x2`` / ``x4``: full-width SSIU (64 features, 9 steps), 1,000 iterations
+(``options/train_SSIU_x{2,4}_cpu1k.yml``); ``--run demo``: the embedded demo (``options/demo_SSIU_x2.yml``).
+Each is ``basicsr train -opt <option file>``, run as a user runs it: the 14 Set14 HR images shipped in
+``tests/data`` (LR made on the fly by MATLAB bicubic), validated on Set5, never trained on. The last checkpoint
+is then written to ``benchmarks/weights/`` (``params`` and the ``network_g`` options, BasicSR's layout), its
+sha256 recorded in ``benchmarks/weights/SHA256SUMS``, and its Set5/Set14 PSNR/SSIM (Y channel, crop border =
+scale) printed. Set14 is the training set: its figures are not a held-out result.
 
 These weights are far from the published DF2K training (hundreds of GPU hours); they exist so that
 low-precision inference, export and outside tools are measured on trained weights rather than random ones.
 
-    python benchmarks/train_cpu_weights.py --scale 2 [--threads 2] [--package-only]
+    python benchmarks/train_cpu_weights.py --run x2 [--threads 2] [--package-only]
 """
 from __future__ import annotations
 
@@ -26,6 +27,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 WEIGHTS = ROOT / 'benchmarks' / 'weights'
 SUMS = WEIGHTS / 'SHA256SUMS'
+# run -> (option file, experiment name, scale, zoo file)
+RUNS = {'x2': ('train_SSIU_x2_cpu1k.yml', 'SSIU_x2_cpu1k', 2, 'SSIU_x2_cpu1k.pth'),
+        'x4': ('train_SSIU_x4_cpu1k.yml', 'SSIU_x4_cpu1k', 4, 'SSIU_x4_cpu1k.pth'),
+        'demo': ('demo_SSIU_x2.yml', 'demo_SSIU_x2', 2, 'SSIU_x2_demo.pth')}
 
 
 def sha256(path: Path) -> str:
@@ -47,28 +52,28 @@ def record_sum(path: Path) -> str:
     return digest
 
 
-def train(scale: int, threads: int) -> Path:
+def train(run: str, threads: int) -> Path:
     """Run the option file's training; returns its last checkpoint."""
-    option = ROOT / 'options' / f'train_SSIU_x{scale}_cpu1k.yml'
+    option = ROOT / 'options' / RUNS[run][0]
     env = {**os.environ, 'OMP_NUM_THREADS': str(threads)}
     subprocess.run([sys.executable, '-m', 'ssiu_arch.tools.train', '-opt', str(option)], cwd=ROOT, env=env,
                    check=True)
-    return checkpoint(scale)
+    return checkpoint(run)
 
 
-def checkpoint(scale: int) -> Path:
-    path = ROOT / 'experiments' / f'SSIU_x{scale}_cpu1k' / 'models' / 'net_g_1000.pth'
+def checkpoint(run: str) -> Path:
+    path = ROOT / 'experiments' / RUNS[run][1] / 'models' / 'net_g_latest.pth'
     if not path.is_file():
         sys.exit(f'{path}: no such checkpoint; train first (without --package-only)')
     return path
 
 
-def package(scale: int, source: Path) -> Path:
+def package(run: str, source: Path) -> Path:
     """The checkpoint as a zoo file (params + network_g options), its sha256 recorded."""
     from ssiu_arch.utils.weights import read_checkpoint, save_weights
 
     state, options = read_checkpoint(source)
-    out = WEIGHTS / f'SSIU_x{scale}_cpu1k.pth'
+    out = WEIGHTS / RUNS[run][3]
     out.parent.mkdir(parents=True, exist_ok=True)
     save_weights(out, state, options)
     print(f'{out.relative_to(ROOT)}: sha256 {record_sum(out)}, {out.stat().st_size / 2 ** 20:.2f} MiB')
@@ -90,13 +95,13 @@ def evaluate(path: Path, scale: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('--scale', type=int, choices=(2, 4), required=True)
+    parser.add_argument('--run', choices=sorted(RUNS), required=True)
     parser.add_argument('--threads', type=int, default=2)
     parser.add_argument('--package-only', action='store_true', help='package the finished run without training')
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    source = checkpoint(args.scale) if args.package_only else train(args.scale, args.threads)
-    evaluate(package(args.scale, source), args.scale)
+    source = checkpoint(args.run) if args.package_only else train(args.run, args.threads)
+    evaluate(package(args.run, source), RUNS[args.run][2])
 
 
 if __name__ == '__main__':
