@@ -165,6 +165,7 @@ def test_bf16_autocast_with_aux_losses(tmp_path):
     ({'mixed_precision': 'fp8'}, False, "train.mixed_precision: expected false, bf16 or fp16, got 'fp8'"),
     ({}, 'yes', "network_g_compile: expected true, false or a dict of torch.compile keywords, got 'yes'"),
     ({}, {'fullgraf': True}, 'network_g_compile.fullgraf: not a torch.compile keyword'),
+    ({'retain_freed_memory': 'yes'}, False, "train.retain_freed_memory: expected true or false, got 'yes'"),
 ])
 def test_bad_training_step_options_name_the_key(tmp_path, train, compile_opt, message):
     with pytest.raises(ValueError, match=message.replace('.', r'\.')) as err:
@@ -175,3 +176,15 @@ def test_bad_training_step_options_name_the_key(tmp_path, train, compile_opt, me
 def test_options_off_keep_the_eager_float32_step(tmp_path):
     model = build_model(make_opt(tmp_path, network_g_compile=None, mixed_precision=False))
     assert model.net_g_train is model.net_g and model.amp_dtype is None and model.grad_scaler is None
+
+
+def test_cpu_training_keeps_freed_memory_for_reuse(tmp_path, monkeypatch):
+    from ssiu_arch.cpu import memory
+
+    calls = []
+    monkeypatch.setattr('ssiu_arch.models.ssiu_model.retain_freed_memory', lambda: calls.append(1) or True)
+    build_model(make_opt(tmp_path, retain_freed_memory=False))
+    assert calls == []
+    build_model(make_opt(tmp_path))
+    assert calls == [1]
+    assert memory.retain_freed_memory() in (True, False)  # the real call works where glibc is (or is not)

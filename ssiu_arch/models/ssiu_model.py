@@ -32,6 +32,7 @@ from torch.nn.parallel import DataParallel, DistributedDataParallel
 from tqdm import tqdm
 
 from ssiu_arch.archs.ssiu_arch import SSIU, pad_to_multiple
+from ssiu_arch.cpu.memory import retain_freed_memory
 from ssiu_arch.datasets_lmdb.imresize import imresize
 from ssiu_arch.evaluation.metrics_schema import make_metrics, write_metrics
 from ssiu_arch.utils.fileio import save_atomic
@@ -135,6 +136,10 @@ class SSIUModel(SRModel):
       calls the plain network inside both wrappers.
       Compiling costs time at the first iteration; ``benchmarks/bench_train.py`` prints after how many
       steps it pays off.
+    * On the CPU, training makes glibc malloc keep freed memory (:func:`ssiu_arch.cpu.memory.retain_freed_memory`):
+      eager autograd allocates every activation afresh, and with malloc's defaults each one arrives as fresh
+      zero-filled pages, about a fifth of a full-width step's time. The resident set then stays at the step's
+      peak between steps instead of falling back. ``train.retain_freed_memory: false`` keeps the defaults.
     * ``train.mixed_precision`` (default ``false``): ``bf16`` or ``fp16`` runs the training forward under
       ``torch.autocast``; the output and the auxiliary outputs (MoE gates renormalised) are cast back to
       float32 before the losses. ``fp16`` needs CUDA and scales the loss with ``torch.amp.GradScaler`` (whose
@@ -161,6 +166,12 @@ class SSIUModel(SRModel):
         self.setup_optimizers()
         self.setup_schedulers()
         self._setup_training_step(compile_kwargs)
+        retain = train_opt.get('retain_freed_memory', True)
+        if not isinstance(retain, bool):
+            raise ValueError(f'train.retain_freed_memory: expected true or false, got {retain!r}')
+        if self.device.type == 'cpu' and retain and retain_freed_memory():
+            get_root_logger().info('CPU training: freed memory stays with the process for reuse (glibc malloc '
+                                   'thresholds raised; train.retain_freed_memory: false keeps the defaults)')
 
     def _setup_training_step(self, compile_kwargs: dict | None) -> None:
         """The network the training step calls (``net_g``, or ``net_g`` compiled) and the fp16 loss scaler."""
