@@ -172,6 +172,19 @@ def test_linear_bf16_is_the_product_of_rounded_operands(shape, c_out):
 
 
 @NEEDS_BF16
+@pytest.mark.parametrize('pixels, c1, c2, n', [(2 * 9 * 13, 256, 64, 32), (7, 64, 16, 16), (61, 96, 32, 48)])
+def test_gelu_product_bf16_is_two_products_of_rounded_operands(pixels, c1, c2, n):
+    x, w1, b1, w2 = torch.randn(pixels, 32), torch.randn(c1, 32) * 0.2, torch.randn(c1), torch.randn(n, c2) * 0.2
+    hidden = F.gelu(bf16(x) @ bf16(w1).T + b1).reshape(-1, c2)
+    expected = bf16(hidden) @ bf16(w2).T
+    got = kernels.gelu_product_bf16(x, w1, b1, w2)
+    assert got.shape == (pixels * c1 // c2, n)
+    assert (got - expected).abs().max() <= 2e-3  # a rounding tie of the hidden map may fall the other way
+    with pytest.raises(RuntimeError, match='do not fit'):
+        kernels.gelu_product_bf16(x, w1, b1, torch.randn(n, 40))
+
+
+@NEEDS_BF16
 def test_linear_bf16_refuses_bad_input():
     with pytest.raises(RuntimeError, match='multiples of 16'):
         kernels.linear_bf16(torch.randn(4, 32), torch.randn(27, 32), None)

@@ -553,7 +553,9 @@ def _tap_maps(tail: nn.Sequential, feat: torch.Tensor, bf16: bool) -> torch.Tens
     """
     *stages, last = tail
     b, h, w, c = feat.shape
-    r = 1
+    k, o = last.kernel_size[0], last.out_channels
+    taps = last.weight.permute(3, 2, 0, 1).reshape(k * k * o, c)  # rows (kx, ky, o)
+    r, count = 1, len(stages) // 3
     for index, (conv, shuffle) in enumerate(zip(stages[0::3], stages[1::3])):
         if index:  # shuffle the previous stage: (B, h, w, j, i, C) -> (B, h i, w j, C)
             feat = feat.reshape(b, h, w, r, r, c).permute(0, 1, 4, 2, 3, 5).reshape(b, h * r, w * r, c)
@@ -561,14 +563,13 @@ def _tap_maps(tail: nn.Sequential, feat: torch.Tensor, bf16: bool) -> torch.Tens
         r = shuffle.upscale_factor
         weight = conv.weight.view(-1, r, r, c).permute(2, 1, 0, 3).reshape(conv.out_channels, c)
         bias = conv.bias.view(-1, r, r).permute(2, 1, 0).reshape(-1)
-        feat = _linear(feat, weight, bias, bf16, gelu=True)
         c = conv.out_channels // (r * r)
-    k, o = last.kernel_size[0], last.out_channels
-    taps = last.weight.permute(3, 2, 0, 1).reshape(k * k * o, c)  # rows (kx, ky, o)
-    if bf16:  # the product from bfloat16 operands, (pixels, taps padded to 16), read transposed
-        padded = F.pad(taps, (0, 0, 0, -taps.shape[0] % 16))
-        t = kernels.linear_bf16(feat.reshape(-1, c), padded, None).T[:taps.shape[0]]
-    else:
+        if bf16 and index == count - 1:  # the last stage and the tap product in one pass, read transposed
+            padded = F.pad(taps, (0, 0, 0, -taps.shape[0] % 16))  # (pixels, taps padded to 16)
+            t = kernels.gelu_product_bf16(feat, weight, bias, padded).T[:taps.shape[0]]
+        else:
+            feat = _linear(feat, weight, bias, bf16, gelu=True)
+    if not bf16:
         t = torch.mm(taps, feat.reshape(-1, c).T)  # (k k o, B h w r r), pixels (b, y, x, j, i)
     return t.view(k, k, o, b, h, w, r, r).permute(0, 1, 3, 2, 4, 7, 5, 6).flatten(-2)
 

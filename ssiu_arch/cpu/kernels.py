@@ -135,3 +135,11 @@ def linear_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     with bfloat16 operands and float32 accumulators and output (only where :func:`bf16_available`). ``weight`` is
     (C_out, C_in), both widths multiples of 16."""
     return torch.ops.ssiu.linear_bf16(x, weight, bias, add, gelu)
+
+
+def gelu_product_bf16(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """``GELU(x @ w1.T + b1)``, its rows of C_1 values split into rows of C_2 (``w2``'s inputs), times ``w2.T``:
+    (pixels C_1 / C_2, N), from bfloat16 operands with float32 accumulators, GELU and output (only where
+    :func:`bf16_available`). ``x`` is a channels-last float32 map (..., C_in); ``w1`` (C_1, C_in), ``w2`` (N, C_2);
+    the intermediate map exists only in cache-sized blocks."""
+    return torch.ops.ssiu.gelu_product_bf16(x, w1, b1, w2)

@@ -698,6 +698,47 @@ at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& weight, const std:
   return out;
 }
 
+// GELU(x @ w1.T + b1) with its rows of C_1 values split into rows of w2's C_2 inputs, times w2.T: a 1x1
+// convolution with GELU followed by a second one on its channels taken C_2 at a time (the tail's last stage and
+// its tap product, before pixel shuffle), from bfloat16 operands with float32 accumulators, GELU and output, the
+// intermediate map held in cache-sized blocks only. x (..., C_in) channels-last float32, w1 (C_1, C_in), w2
+// (N, C_2), C_1 a multiple of C_2, every width a multiple of 16. Returns (pixels C_1 / C_2, N).
+at::Tensor gelu_product_bf16(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2) {
+  TORCH_CHECK(bf16_supported(), "gelu_product_bf16: needs a CPU with AVX512_BF16");
+  TORCH_CHECK(x.dim() >= 1 && x.scalar_type() == at::kFloat && x.device().is_cpu(),
+              "gelu_product_bf16: x must be a float32 CPU map with channels last");
+  const at::Tensor input = x.contiguous();
+  const int64_t k = input.size(-1), pixels = input.numel() / std::max<int64_t>(k, 1);
+  const int64_t c1 = w1.size(0), c2 = w2.size(1), n = w2.size(0);
+  TORCH_CHECK(w1.dim() == 2 && w2.dim() == 2 && w1.size(1) == k && b1.numel() == c1 && k % 16 == 0 &&
+              c1 % 16 == 0 && c2 % 16 == 0 && c1 % c2 == 0 && n % 16 == 0,
+              "gelu_product_bf16: weights ", w1.sizes(), " and ", w2.sizes(), " do not fit ", k,
+              " input channels with widths multiples of 16");
+  const int64_t split = c1 / c2;
+  const at::Tensor p1 = pack_bf16(w1), p2 = pack_bf16(w2);
+  const at::Tensor bias1 = b1.to(at::kFloat).contiguous(), zero = at::zeros({n}, input.options());
+  at::Tensor out = at::empty({pixels * split, n}, input.options());
+  const Weight first{nullptr, bf16_data(p1)}, second{nullptr, bf16_data(p2)};
+  const float* in = input.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  constexpr int64_t chunk = 60;  // pixels per block: a multiple of the kernel's 6 rows
+  at::parallel_for(0, (pixels + chunk - 1) / chunk, 1, [&](int64_t begin, int64_t end) {
+    std::vector<uint16_t> xb(chunk * k), hb(chunk * c1);
+    std::vector<float> h(chunk * c1);
+    for (int64_t block = begin; block < end; ++block) {
+      const int64_t p0 = block * chunk, m = std::min(chunk, pixels - p0);
+      round_bf16(in + p0 * k, m * k, xb.data());
+      product<Epilogue::kBias>(m, k, c1, nullptr, xb.data(), k, first, bias1.data_ptr<float>(), nullptr, nullptr, 0,
+                               h.data(), c1);
+      gelu_inplace(h.data(), m * c1);
+      round_bf16(h.data(), m * c1, hb.data());
+      product<Epilogue::kBias>(m * split, c2, n, nullptr, hb.data(), c2, second, zero.data_ptr<float>(), nullptr,
+                               nullptr, 0, o + p0 * split * n, n);
+    }
+  });
+  return out;
+}
+
 constexpr int64_t kMaxExperts = 8;
 
 // moe_combine on pixels [begin, end): see there.
@@ -964,6 +1005,7 @@ TORCH_LIBRARY(ssiu, m) {
         "Tensor wo, Tensor? bo, Tensor? add, bool residual, Tensor? ln_weight, Tensor? ln_bias, float ln_eps, "
         "int offset, int rows, int tile_pixels, bool bf16=False) -> Tensor");
   m.def("linear_bf16(Tensor x, Tensor weight, Tensor? bias, Tensor? add, bool gelu) -> Tensor");
+  m.def("gelu_product_bf16(Tensor x, Tensor w1, Tensor b1, Tensor w2) -> Tensor");
   m.def("bf16_supported() -> bool", bf16_supported);
   m.def("upsample_combine(Tensor low, Tensor v, Tensor b, int r0, int height) -> Tensor");
   m.def("halo_attention(Tensor qkv, Tensor embedding, int heads, int block, int halo) -> Tensor");
@@ -977,4 +1019,5 @@ TORCH_LIBRARY_IMPL(ssiu, CPU, m) {
   m.impl("halo_attention", halo_attention);
   m.impl("moe_combine", moe_combine);
   m.impl("linear_bf16", linear_bf16);
+  m.impl("gelu_product_bf16", gelu_product_bf16);
 }
