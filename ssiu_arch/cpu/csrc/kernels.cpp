@@ -269,7 +269,7 @@ SSIU_TARGETS void layer_norm_rows(const float* x, int64_t pixels, int64_t c, con
 // set by a function attribute and runs only where the CPU reports it (bf16_supported), so the library builds and
 // runs everywhere; compilers without the intrinsics leave it out.
 #if defined(__x86_64__) && __has_include(<immintrin.h>) && \
-    ((defined(__clang__) && __clang_major__ >= 11) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 10))
+    ((defined(__clang__) && __clang_major__ >= 16) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 10))
 #define SSIU_HAVE_BF16 1
 #include <immintrin.h>
 #else
