@@ -370,8 +370,15 @@ SSIU_BF16_TARGET void gemm_bf16(int64_t m, int64_t k, int64_t n, const uint16_t*
 
 // A (C_out, C_in) float32 weight matrix as the (C_in / 2, C_out, 2) bfloat16 pairs gemm_bf16 reads.
 at::Tensor pack_bf16(const at::Tensor& w) {
-  const int64_t n = w.size(0), k = w.size(1);
-  return w.to(at::kFloat).t().reshape({k / 2, 2, n}).permute({0, 2, 1}).contiguous().to(at::kBFloat16);
+  const at::Tensor f32 = w.to(at::kFloat).contiguous();
+  const int64_t n = f32.size(0), k = f32.size(1);
+  at::Tensor packed = at::empty({k / 2, n, 2}, f32.options().dtype(at::kBFloat16));
+  const float* src = f32.data_ptr<float>();
+  at::BFloat16* dst = packed.data_ptr<at::BFloat16>();
+  for (int64_t j = 0; j < n; ++j) {
+    for (int64_t kk = 0; kk < k; ++kk) dst[(kk / 2 * n + j) * 2 + kk % 2] = at::BFloat16(src[j * k + kk]);
+  }
+  return packed;
 }
 
 const uint16_t* bf16_data(const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr<at::BFloat16>()); }
