@@ -447,3 +447,16 @@ def test_engine_runs_under_inference_mode_and_with_frozen_weights():
         assert ENGINE.accepts(net, x)
         out = net(x)
     assert (out - reference(net, x)).abs().max() <= 1e-5
+
+
+@NEEDS_BF16
+def test_bf16_engine_sees_weight_changes():
+    """bfloat16 weights are rounded from the parameters on every call: an in-place change is never missed."""
+    net, x = tiny(), torch.rand(1, 3, 16, 16)
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        before = net(x)
+        net.body[0].s1.project_out.weight.mul_(-2)
+        net.tail[-1].weight.add_(0.1)
+        after = net(x)
+    ref = reference(net, x)
+    assert (before - ref).abs().mean() > 0.05 and (after - ref).abs().mean() <= 4e-3
