@@ -5,9 +5,11 @@ exactly one model, one image and one upscale (plus the PNG encoding ``ssiu infer
 Set14 ``lenna`` resized to the requested size; the weights are random, which does not change memory
 or time. Also prints how close tiled and untiled results are (PSNR on a 512x512 mirror-padded Set14
 ``baboon``, float output) for the default tiling. Wall clock depends on the other jobs of a shared
-machine; CPU time does not.
+machine; CPU time does not. ``--precision bf16`` runs as ``ssiu infer --precision bf16`` does (the CPU engine's
+bfloat16 path, or float32 with a notice where the CPU lacks native bfloat16).
 
     python benchmarks/bench_infer_memory.py [--tile 384 256] [--tile-overlap 32] [--scale 2] [--size 1920x1080]
+                                            [--precision fp32|bf16]
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ import torch
 
 from ssiu_arch.archs.ssiu_arch import SSIU
 from ssiu_arch.tools.infer import DEFAULT_TILE, DEFAULT_TILE_OVERLAP, tile_spans, upscale_image
+from ssiu_arch.utils.precision import resolve_precision
 
 SET14 = Path(__file__).resolve().parents[1] / 'tests' / 'data' / 'benchmark' / 'Set14' / 'HR'
 
@@ -35,13 +38,13 @@ def peak_rss_mb() -> float:
     return peak / 2**20 if sys.platform == 'darwin' else peak / 2**10
 
 
-def child(tile: int, overlap: int, scale: int, width: int, height: int) -> dict:
+def child(tile: int, overlap: int, scale: int, width: int, height: int, precision: str = 'fp32') -> dict:
     torch.manual_seed(0)
     net = SSIU(upscale=scale).eval()
     img = cv2.resize(cv2.imread(str(SET14 / 'lenna.png')), (width, height), interpolation=cv2.INTER_CUBIC)
     setup = peak_rss_mb()
     start, cpu = time.perf_counter(), time.process_time()
-    sr = upscale_image(net, img, scale, tile=tile, tile_overlap=overlap)
+    sr = upscale_image(net, img, scale, tile=tile, tile_overlap=overlap, precision=precision)
     ok, png = cv2.imencode('.png', sr)
     assert ok and sr.shape == (height * scale, width * scale, 3)
     align = net.pad_multiple
@@ -70,20 +73,22 @@ def main() -> None:
                         help=f'default {DEFAULT_TILE_OVERLAP}')
     parser.add_argument('--scale', type=int, default=2, help='default 2')
     parser.add_argument('--size', default='1920x1080', help='LR WIDTHxHEIGHT (default 1920x1080)')
+    parser.add_argument('--precision', choices=('fp32', 'bf16'), default='fp32', help='default fp32')
     parser.add_argument('--skip-psnr', action='store_true', help='skip the tiled-vs-untiled PSNR check')
     parser.add_argument('--child', action='store_true', help=argparse.SUPPRESS)
     args = parser.parse_args()
     width, height = map(int, args.size.lower().split('x'))
     if args.child:
-        print(json.dumps(child(args.tile[0], args.tile_overlap, args.scale, width, height)))
+        print(json.dumps(child(args.tile[0], args.tile_overlap, args.scale, width, height, args.precision)))
         return
 
+    precision, notice = resolve_precision(args.precision, 'cpu')
     print(f'default SSIU x{args.scale}, LR {width}x{height}, tile overlap {args.tile_overlap}, '
-          f'{torch.get_num_threads()} threads')
+          f'{torch.get_num_threads()} threads, precision {precision}' + (f' ({notice})' if notice else ''))
     print(f'{"tile":>6} {"tiles":>6} {"wall s":>8} {"cpu s":>8} {"setup MiB":>10} {"peak RSS MiB":>13}')
     for tile in args.tile:
         cmd = [sys.executable, __file__, '--child', '--tile', str(tile), '--tile-overlap', str(args.tile_overlap),
-               '--scale', str(args.scale), '--size', args.size]
+               '--scale', str(args.scale), '--size', args.size, '--precision', precision]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode:
             print(f'{tile:>6} failed (exit {done.returncode}): {done.stderr.strip().splitlines()[-1:]}')

@@ -5,7 +5,11 @@ x4 320x180), each measured in a fresh process by :mod:`ssiu_arch.tools.bench` (t
 with glibc malloc left at its defaults and tuned to retain freed memory. ``--maps compare`` times each case
 twice, with whole feature maps and with 8 MiB row bands (by default SSIU's CPU inference engine chooses: bands above
 32 MiB maps, above 128 MiB where freed memory is retained; ``ssiu_arch.cpu.engine.ENGINE``).
-The training step is one forward + backward of an x2 batch of 8 LR patches of 64x64.
+Each inference case also times ``--precision bf16`` passes interleaved with the float32 ones in the same process
+(bfloat16 CPU autocast through the engine's bfloat16 kernels, or the float32 fallback on a CPU without native
+bfloat16): the bf16 latency and the median bf16/fp32 ratio of the pairs, printed side by side, against the
+targets of at most 0.5 at x4 320x180 and x2 640x360. The training step is one forward + backward of an x2 batch
+of 8 LR patches of 64x64.
 
     python benchmarks/bench_speed.py [--threads 2] [--runs 5] [--malloc both|retain|default] [--maps auto|compare]
 """
@@ -15,7 +19,11 @@ import argparse
 
 import torch
 
+from ssiu_arch.cpu import kernels
 from ssiu_arch.tools.bench import DEFAULT_INPUTS, format_rows, load_average, machine_description, run_case
+
+# Largest bf16/fp32 latency ratio aimed at on a CPU with native bfloat16, per (scale, LR input height, width).
+BF16_TARGETS = {(4, 180, 320): 0.5, (2, 360, 640): 0.5}
 
 
 def main() -> None:
@@ -30,18 +38,26 @@ def main() -> None:
     maps = ('whole', 'bands') if args.maps == 'compare' else ('auto',)
 
     print(f'machine: {machine_description()}; torch {torch.__version__}; threads {args.threads}')
+    print(kernels.status_line())
     print(f'load average at start: {load_average()}', flush=True)
     rows = []
     for retain in modes:
         for scale, input_hw in DEFAULT_INPUTS.items():
             for choice in maps:
                 rows.append(run_case('inference', arch='SSIU', scale=scale, input_hw=input_hw, threads=args.threads,
-                                     runs=args.runs, retain_memory=retain, maps=choice))
+                                     runs=args.runs, retain_memory=retain, maps=choice, bf16=True))
                 print(format_rows(rows[-1:]).splitlines()[-1], f'(load {load_average()})', flush=True)
     print()
     print(format_rows(rows))
     print('MACs(G) are for a 1280x720 output; efficiency = multiply-adds/s of the pass on its input divided by '
-          'those of a float32 2048x2048 matmul in the same process.')
+          'those of a float32 2048x2048 matmul in the same process; bf16/fp32 = median latency ratio of '
+          'interleaved pairs.')
+    for r in rows:
+        width, height = (int(v) for v in r['input'].split('x'))
+        target = BF16_TARGETS.get((r['scale'], height, width))
+        if target is not None:
+            print(f'bf16/fp32 x{r["scale"]} {r["input"]} (malloc {r["malloc"]}, maps {r["maps"]}): '
+                  f'{r["bf16_ratio"]:.3f}, target <= {target} (bf16 ran as {r["bf16_runs"]})')
     for retain in modes:
         step = run_case('training', arch='SSIU', scale=2, batch=8, size=64, threads=args.threads, runs=args.runs,
                         retain_memory=retain)

@@ -43,6 +43,21 @@ def test_inference_row_in_process():
     assert matmul_rate(256, repeats=1) > 0
 
 
+def test_inference_row_times_bf16_side_by_side():
+    from ssiu_arch.tools.bench import format_rows
+    from ssiu_arch.utils.precision import resolve_precision
+
+    threads = torch.get_num_threads()
+    try:
+        row = measure_inference('SSIU', 2, (24, 40), threads=1, runs=2, net_opt=TINY, retain_memory=False, bf16=True)
+    finally:
+        torch.set_num_threads(threads)
+    assert row['bf16_runs'] == resolve_precision('bf16', 'cpu')[0]  # the fallback where bf16 cannot run
+    assert row['bf16_latency_ms'] > 0 and row['bf16_ratio'] > 0
+    table = format_rows([row]).splitlines()
+    assert 'bf16/fp32' in table[0] and f'{row["bf16_ratio"]:.3f}' in table[1]
+
+
 @pytest.mark.parametrize('maps', ['whole', 'bands'])
 def test_inference_row_with_whole_maps_or_row_bands(monkeypatch, maps):
     from ssiu_arch.cpu.engine import ENGINE

@@ -31,6 +31,9 @@ def reference(net: SSIU, x: torch.Tensor, return_aux: bool = False):
         net.use_engine = True
 
 
+NEEDS_BF16 = pytest.mark.skipif(not kernels.bf16_available(), reason='the CPU lacks avx512_bf16 (bfloat16 kernels)')
+
+
 def assert_same(got, expected, tol=1e-5):
     (out, aux), (ref, ref_aux) = got, expected
     assert (out - ref).abs().max() <= tol
@@ -115,9 +118,11 @@ def test_row_bands_where_allocations_would_fault(monkeypatch, retained):
     assert ENGINE.band_rows(net, torch.empty(1, 3, 1024, 1024)) is None
 
 
+@pytest.mark.parametrize('bf16', [False, pytest.param(True, marks=NEEDS_BF16)], ids=['fp32', 'bf16'])
 @pytest.mark.parametrize('scale', [2, 3, 4])
-def test_tail_tap_sums_match_the_tail_modules(monkeypatch, scale):
-    """Tap sums of the tail, in bands of any number of rows, equal ``tail``'s own modules on NCHW maps."""
+def test_tail_tap_sums_match_the_tail_modules(monkeypatch, scale, bf16):
+    """Tap sums of the tail, in bands of any number of rows, equal ``tail``'s own modules on NCHW maps (in
+    bfloat16, within 1e-2 of outputs of about 1)."""
     net = tiny(upscale=scale, num_feat=64, std=None)
     for (batch, h, w), rows in [((2, 9, 13), (1, 2, 3, 4, 9)), ((1, 7, 5), (2, 3, 6)), ((1, 2, 3), (1, 2))]:
         feat = torch.randn(batch, h, w, 64)
@@ -126,8 +131,8 @@ def test_tail_tap_sums_match_the_tail_modules(monkeypatch, scale):
         for band_rows in rows:  # bands of 2 rows at least; a last band of one row joins the one before
             monkeypatch.setattr(ENGINE, 'tail_band_pixels', band_rows * w * scale * scale)
             with torch.inference_mode():
-                got = ENGINE._reconstruct(net, feat)
-            assert (got - expected).abs().max() <= 1e-5, (batch, h, w, band_rows)
+                got = ENGINE._reconstruct(net, feat, bf16)
+            assert (got - expected).abs().max() <= (1e-2 if bf16 else 1e-5), (batch, h, w, band_rows)
 
 
 class HookedMSGM(MSGM):
@@ -300,11 +305,68 @@ def test_engine_stands_aside_for_the_environment_switch(monkeypatch):
         assert ENGINE.accepts(net, x)
 
 
-def test_engine_stands_aside_under_autocast():
+def test_engine_runs_under_bf16_autocast_exactly_where_its_bf16_kernels_can(monkeypatch):
     net, x = tiny(), torch.rand(1, 3, 16, 16)
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.float16):
+        assert not ENGINE.accepts(net, x)
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        assert ENGINE.accepts(net, x) == kernels.bf16_available()
+    monkeypatch.setenv('SSIU_NO_BF16', '1')  # bfloat16 kernels off: the reference forward runs under autocast
+    assert not kernels.bf16_available()
     with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
         assert not ENGINE.accepts(net, x)
-        assert torch.isfinite(net(x)).all()
+        out = net(x)
+    with torch.no_grad():
+        assert ENGINE.accepts(net, x)  # float32 is unaffected
+        assert torch.isfinite(out).all() and not torch.equal(out, net(x))
+    monkeypatch.setenv('SSIU_NO_KERNELS', '1')
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        assert not ENGINE.accepts(net, x)
+
+
+@NEEDS_BF16
+def test_engine_refusals_hold_under_bf16_autocast():
+    net, x = tiny(), torch.rand(1, 3, 16, 16)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        assert not ENGINE.accepts(net, x.clone().requires_grad_())  # autograd on and a gradient needed
+        with torch.no_grad():
+            assert ENGINE.accepts(net, x)
+            assert not ENGINE.accepts(net, x.double())
+            handle = net.body[0].register_forward_hook(lambda *args: None)
+            assert not ENGINE.accepts(net, x)
+            handle.remove()
+            net.body[0].s3.scale = 1.0
+            assert not ENGINE.accepts(net, x)
+            net = tiny()
+            net.use_engine = False
+            assert not ENGINE.accepts(net, x)
+
+
+@NEEDS_BF16
+@pytest.mark.parametrize('maps', ['whole', 'bands'])
+@pytest.mark.parametrize('scale, size', [(2, (17, 23)), (3, (9, 30)), (4, (33, 19))])
+def test_bf16_engine_close_to_the_float32_reference(scale, size, maps, monkeypatch):
+    """bfloat16 operands in the products only: float32 output within 3e-2 (mean 4e-3) of the float32 reference on
+    outputs of about 2, and closer than the reference network under the same autocast."""
+    net = tiny(scale)
+    x = torch.rand(2, 3, *size)
+    if maps == 'bands':
+        monkeypatch.setattr(ENGINE, 'whole_map_bytes', 0)
+        monkeypatch.setattr(ENGINE, 'band_bytes', 3 * 48 * 32 * 4)
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        assert ENGINE.accepts(net, x)
+        out, aux = net(x, return_aux=True)
+        assert torch.equal(net(x), out)
+    ref, ref_aux = reference(net, x, return_aux=True)
+    net.use_engine = False
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        autocast_error = (net(x).float() - ref).abs().mean()
+    assert out.dtype == torch.float32 and out.shape == ref.shape
+    error = (out - ref).abs()
+    assert 0 < error.mean() <= min(4e-3, autocast_error) and error.max() <= 3e-2
+    assert (aux['gates'] - ref_aux['gates']).abs().max() <= 2e-2
+    for a, b in zip(aux['step_outputs'], ref_aux['step_outputs']):
+        assert (a - b).abs().max() <= 3e-2
 
 
 def test_engine_stands_aside_under_a_flop_counter():
@@ -385,3 +447,16 @@ def test_engine_runs_under_inference_mode_and_with_frozen_weights():
         assert ENGINE.accepts(net, x)
         out = net(x)
     assert (out - reference(net, x)).abs().max() <= 1e-5
+
+
+@NEEDS_BF16
+def test_bf16_engine_sees_weight_changes():
+    """bfloat16 weights are rounded from the parameters on every call: an in-place change is never missed."""
+    net, x = tiny(), torch.rand(1, 3, 16, 16)
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        before = net(x)
+        net.body[0].s1.project_out.weight.mul_(-2)
+        net.tail[-1].weight.add_(0.1)
+        after = net(x)
+    ref = reference(net, x)
+    assert (before - ref).abs().mean() > 0.05 and (after - ref).abs().mean() <= 4e-3

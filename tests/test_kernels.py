@@ -138,3 +138,82 @@ def test_kernels_can_be_switched_off(monkeypatch):
     monkeypatch.setenv('SSIU_NO_KERNELS', '1')
     monkeypatch.setattr(kernels, '_LOADED', None)
     assert not kernels.available()
+
+
+NEEDS_BF16 = pytest.mark.skipif(not kernels.bf16_available(), reason='the CPU lacks avx512_bf16 (bfloat16 kernels)')
+
+
+def bf16(t: torch.Tensor) -> torch.Tensor:
+    """``t`` rounded to bfloat16 (nearest even), as float32."""
+    return t.bfloat16().float()
+
+
+def test_bf16_support_is_the_cpus():
+    from ssiu_arch.utils.cpu_features import cpu_flags
+
+    flags = cpu_flags()
+    if flags is None or not {'avx512f', 'sse2'} & flags:
+        pytest.skip('not an x86 Linux CPU')
+    assert torch.ops.ssiu.bf16_supported() == ('avx512_bf16' in flags)
+    assert ('bfloat16 products: yes' in kernels.status_line()) == kernels.bf16_available()
+
+
+@NEEDS_BF16
+@pytest.mark.parametrize('shape, c_out', [((2, 37, 45, 64), 192), ((7, 16), 32), ((1, 1, 5, 32), 16)])
+def test_linear_bf16_is_the_product_of_rounded_operands(shape, c_out):
+    x, weight, bias = torch.randn(shape), torch.randn(c_out, shape[-1]) * 0.2, torch.randn(c_out)
+    expected = bf16(x) @ bf16(weight).T + bias  # float32 accumulation of the exact products
+    add = torch.randn(expected.shape)
+    assert (kernels.linear_bf16(x, weight, bias) - expected).abs().max() <= 1e-4
+    assert (kernels.linear_bf16(x, weight, None) - expected + bias).abs().max() <= 1e-4
+    assert (kernels.linear_bf16(x, weight, bias, add=add) - expected - add).abs().max() <= 1e-4
+    assert (kernels.linear_bf16(x, weight, bias, gelu=True) - F.gelu(expected)).abs().max() <= 1e-4
+    assert (kernels.linear_bf16(x, weight, bias) - (x @ weight.T + bias)).abs().max() > 1e-4  # really bfloat16
+
+
+@NEEDS_BF16
+@pytest.mark.parametrize('pixels, c1, c2, n', [(2 * 9 * 13, 256, 64, 32), (7, 64, 16, 16), (61, 96, 32, 48)])
+def test_gelu_product_bf16_is_two_products_of_rounded_operands(pixels, c1, c2, n):
+    x, w1, b1, w2 = torch.randn(pixels, 32), torch.randn(c1, 32) * 0.2, torch.randn(c1), torch.randn(n, c2) * 0.2
+    hidden = F.gelu(bf16(x) @ bf16(w1).T + b1).reshape(-1, c2)
+    expected = bf16(hidden) @ bf16(w2).T
+    got = kernels.gelu_product_bf16(x, w1, b1, w2)
+    assert got.shape == (pixels * c1 // c2, n)
+    assert (got - expected).abs().max() <= 2e-3  # a rounding tie of the hidden map may fall the other way
+    with pytest.raises(RuntimeError, match='do not fit'):
+        kernels.gelu_product_bf16(x, w1, b1, torch.randn(n, 40))
+
+
+@NEEDS_BF16
+def test_linear_bf16_refuses_bad_input():
+    with pytest.raises(RuntimeError, match='multiples of 16'):
+        kernels.linear_bf16(torch.randn(4, 32), torch.randn(27, 32), None)
+    with pytest.raises(RuntimeError, match='GELU or an addend'):
+        kernels.linear_bf16(torch.randn(4, 32), torch.randn(16, 32), None, add=torch.randn(4, 16), gelu=True)
+
+
+@NEEDS_BF16
+@pytest.mark.parametrize('channels, expansion, k, size', [(64, 1.0, 3, (20, 24)), (32, 2.0, 5, (9, 7))])
+def test_fused_msgm_bf16_rounds_only_the_product_operands(channels, expansion, k, size):
+    """The bfloat16 MSGM equals the module computed with each product's operands rounded to bfloat16 and
+    everything else in float32."""
+    msgm = MSGM(channels, expansion, k).eval()
+    x, add = torch.randn(2, *size, channels), torch.randn(2, size[0] - 3, size[1], channels)
+    weights, bias = msgm_weights(msgm), msgm.project_out.bias.detach()
+    w1, b1, w2, b2, wd, bd, w3, b3, wo = weights
+    norm = torch.nn.LayerNorm(channels, eps=1e-6)
+    p = k // 2
+    with torch.no_grad():
+        norm.weight.normal_(1, 0.2), norm.bias.normal_(0, 0.2)
+        xn = norm(x)
+        value = nchw(bf16(xn) @ bf16(w2).T + b2)
+        dw = nhwc(F.conv2d(F.pad(value, (p,) * 4, mode='reflect'), wd, bd, groups=wd.shape[0]))
+        gated = (bf16(dw) @ bf16(w3).T + b3) * F.gelu(bf16(xn) @ bf16(w1).T + b1)
+        expected = bf16(gated) @ bf16(wo).T + bias
+        got = kernels.msgm(x, *weights, bias, None, False, 0, size[0], 64, norm=norm, bf16=True)
+        band = kernels.msgm(x[:, 3 - p:].contiguous(), *weights, bias, add, True, p, size[0] - 3, 1536, norm=norm,
+                            bf16=True)
+        module = nhwc(msgm(nchw(xn)))
+    assert (got - expected).abs().max() <= 2e-3  # a rounding tie may fall the other way
+    assert (band - expected[:, 3:] - add - xn[:, 3:]).abs().max() <= 2e-3
+    assert 1e-4 < (got - module).abs().max() <= 3e-2

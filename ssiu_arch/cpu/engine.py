@@ -16,6 +16,13 @@ from the network's parameters:
   from :mod:`ssiu_arch.cpu.memory`);
 - the tail always runs in bands, so no full-size HR feature map exists, and its final 3x3 convolution is one
   matrix product for its 9 taps x outputs, whose maps are shifted and summed.
+
+Under ``torch.autocast('cpu', dtype=torch.bfloat16)``, on a CPU with AVX512_BF16, the engine computes the network
+with bfloat16 operands in every matrix product (the MSGM kernels' four products, ESAM's qkv projection, MoE-FS's
+1x1 convolutions, the tail's stages and tap product), from weights rounded on each call and activations rounded
+tile by tile, with float32 accumulators. Everything else stays float32: LayerNorm statistics, GELU, the softmaxes,
+the depthwise convolutions, the attention, every map carried between steps and every residual sum, the head and
+the final image; input and output are float32.
 """
 from __future__ import annotations
 
@@ -105,8 +112,11 @@ class Engine:
 
         True only when all of these hold:
 
-        - ``x`` and every parameter are float32 CPU tensors, CPU autocast is off, and no gradient is needed
-          (autograd is off, or neither ``x`` nor any parameter requires one);
+        - ``x`` and every parameter are float32 CPU tensors, and no gradient is needed (autograd is off, or neither
+          ``x`` nor any parameter requires one);
+        - CPU autocast is off, or it is bfloat16 autocast and the kernels' bfloat16 products can run
+          (:func:`ssiu_arch.cpu.kernels.bf16_available`: a CPU with AVX512_BF16); the engine then computes in
+          bfloat16 where that pays (see the module docstring);
         - nothing is tracing, scripting, compiling or exporting (``torch.jit``, ``torch.compile``,
           ``torch.export``, ONNX), and no ``TorchDispatchMode`` (such as ``FlopCounterMode``) is active;
         - the compiled kernels are loaded and oneDNN is enabled, ``SSIU_NO_KERNELS`` is unset (or 0) and
@@ -117,15 +127,18 @@ class Engine:
           other module swapped in), and the hyper-parameters are ones its kernels support (widths multiples
           of 16, depthwise kernels of 1, 3, 5 or 7, a 3x3 final convolution, ...).
 
-        Otherwise the reference forward runs, which training, GPUs, tracing and every outside tool see.
+        Otherwise the reference forward runs, which training, GPUs, tracing and every outside tool see (under
+        autocast, as autocast has it).
         """
         grad = torch.is_grad_enabled()
         if not (x.device.type == 'cpu' and x.dtype == torch.float32 and x.dim() == 4
                 and not (grad and x.requires_grad)):
             return False
         if (torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling()
-                or torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export() or _len_torch_dispatch_stack()
-                or torch.is_autocast_enabled('cpu')):
+                or torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export() or _len_torch_dispatch_stack()):
+            return False
+        bf16 = torch.is_autocast_enabled('cpu')
+        if bf16 and torch.get_autocast_dtype('cpu') != torch.bfloat16:
             return False
         if (os.environ.get('SSIU_NO_KERNELS', '') not in ('', '0') or not net.use_engine or _ONEDNN_CONV is None
                 or not torch.backends.mkldnn.is_available() or not torch.backends.mkldnn.enabled):
@@ -140,7 +153,8 @@ class Engine:
                 if p is not None and (p.dtype != torch.float32 or not p.is_cpu or (grad and p.requires_grad)):
                     return False
             modules.extend(m._modules.values())
-        return _NETWORK_KNOWN and _supported(net) and kernels.available()  # last: it may build the kernels
+        # last: it may build the kernels
+        return _NETWORK_KNOWN and _supported(net) and kernels.available() and (not bf16 or kernels.bf16_available())
 
     def band_rows(self, net: SSIU, x: torch.Tensor) -> int | None:
         """Rows per band of the unfolding steps for the padded LR input ``x``, or None to process whole maps.
@@ -155,20 +169,31 @@ class Engine:
         return max(1, self.band_bytes * x.shape[-2] // map_bytes)
 
     def run(self, net: SSIU, x: torch.Tensor, return_aux: bool = False):
-        """``net(x, return_aux)`` computed by the engine (call only where :meth:`accepts` is true)."""
+        """``net(x, return_aux)`` computed by the engine (call only where :meth:`accepts` is true).
+
+        Under bfloat16 CPU autocast the matrix products take bfloat16 operands (see the module docstring); the
+        engine's own float32 arithmetic runs with autocast off.
+        """
+        bf16 = torch.is_autocast_enabled('cpu')
+        with torch.autocast('cpu', enabled=False):
+            return self._run(net, x, return_aux, bf16)
+
+    def _run(self, net: SSIU, x: torch.Tensor, return_aux: bool, bf16: bool):
+        """:meth:`run`, with bfloat16 operands in the matrix products if ``bf16``."""
         h, w = x.shape[-2:]
         padded = pad_to_multiple(x, net.pad_multiple)
         band_rows = self.band_rows(net, padded)
         if band_rows is None or padded.shape[0] == 1:
-            return self._forward(net, padded, h, w, band_rows, return_aux)
-        results = [self._forward(net, image, h, w, band_rows, return_aux) for image in padded.split(1)]
+            return self._forward(net, padded, h, w, band_rows, return_aux, bf16)
+        results = [self._forward(net, image, h, w, band_rows, return_aux, bf16) for image in padded.split(1)]
         if not return_aux:  # bands are taken from one image at a time
             return torch.cat(results)
         outs, auxes = zip(*results)
         steps = [torch.cat(step) for step in zip(*(aux['step_outputs'] for aux in auxes))]
         return torch.cat(outs), {'gates': torch.cat([aux['gates'] for aux in auxes]), 'step_outputs': steps}
 
-    def _forward(self, net: SSIU, x: torch.Tensor, h: int, w: int, band_rows: int | None, return_aux: bool):
+    def _forward(self, net: SSIU, x: torch.Tensor, h: int, w: int, band_rows: int | None, return_aux: bool,
+                 bf16: bool):
         """The network on the padded input ``x``, cropped to the ``h`` x ``w`` input's output."""
         y = _conv2d_reflect(x.permute(0, 2, 3, 1).contiguous(), net.head)
         scratch = (torch.empty_like(y), torch.empty_like(y)) if band_rows is not None else None
@@ -178,27 +203,28 @@ class Engine:
             out = None
             if scratch is not None:  # write over the previous estimate unless it is kept
                 out = a if a is not y and step - 1 not in net.expert_steps else torch.empty_like(y)
-            a = self._step(block, a, y, band_rows, out, scratch)
+            a = self._step(block, a, y, band_rows, out, scratch, bf16)
             if step in net.expert_steps:
                 estimates[step] = a
         experts = [estimates[s] for s in net.expert_steps]
         fused = scratch[0] if scratch is not None else None
         gates = []
         for r0, r1 in _bands(y.shape[1], band_rows):
-            part, gate = _moe(net.moe, [_rows(e, r0, r1) for e in experts], _rows(y, r0, r1), return_aux)
+            part, gate = _moe(net.moe, [_rows(e, r0, r1) for e in experts], _rows(y, r0, r1), return_aux, bf16)
             fused = _store(part, fused, r0)
             gates.append(gate)
         s = net.upscale
         skip = F.interpolate(x, scale_factor=s, mode='bilinear', align_corners=False)
-        out = (skip + self._reconstruct(net, fused))[..., :h * s, :w * s]
+        out = (skip + self._reconstruct(net, fused, bf16))[..., :h * s, :w * s]
         if not return_aux:
             return out
         gates = torch.cat(gates, dim=1) if len(gates) > 1 else gates[0]
-        steps = [(skip + self._reconstruct(net, e + y))[..., :h * s, :w * s] for e in experts]
+        steps = [(skip + self._reconstruct(net, e + y, bf16))[..., :h * s, :w * s] for e in experts]
         return out, {'gates': gates.permute(0, 3, 4, 1, 2)[..., :h, :w], 'step_outputs': steps}
 
     def _step(self, step: SSRMStep, a: torch.Tensor, y: torch.Tensor, band_rows: int | None,
-              out: torch.Tensor | None, scratch: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+              out: torch.Tensor | None, scratch: tuple[torch.Tensor, torch.Tensor] | None,
+              bf16: bool) -> torch.Tensor:
         """One unfolding step: the next estimate from estimate ``a`` and head features ``y``.
 
         The step's update, with ``a' = LN(a)``::
@@ -209,20 +235,20 @@ class Engine:
         is computed with the output biases of MSGM_1 and MSGM_2 left out of the maps ``v`` and ``b`` and added
         where they meet a linear map. With ``band_rows`` (batch of one), bands of that many rows are written
         into ``out`` (which may be ``a`` itself) through the two maps of ``scratch``; otherwise new tensors
-        are returned.
+        are returned. With ``bf16`` the matrix products take bfloat16 operands.
         """
         height, p = a.shape[1], _halo(step.s1)
         bands = _bands(height, band_rows)
         out1, out2, out4, outf = step.s1.project_out, step.s2.project_out, step.s4.project_out, step.ffn.project_out
         v_map, b_map = scratch if scratch is not None else (None, None)
-        norm, tile = step.norm.body, self.msgm_tile_pixels
+        norm, tile = step.norm.body, (self.msgm_tile_pixels, bf16)
         for r0, r1 in bands:
             lo, hi, top, bottom = _window(r0, r1, p, height)
             x = _rows(a, lo, hi)
             b = _store(_msgm(step.s2, x, top, bottom, tile, norm=norm), b_map, r0)  # b - out2.bias
             v = _msgm(step.s1, x, top, bottom, tile, add=_rows(y, r0, r1), residual=True, norm=norm)
             v = _store(v, v_map, r0)  # v - out1.bias
-        low = _attend(step.s3, v, shift=out1.bias)
+        low = _attend(step.s3, v, out1.bias, bf16)
         shift4, bias4 = out1.bias - out2.bias, out4.bias + out2.bias
         for r0, r1 in bands:
             lo, hi, top, bottom = _window(r0, r1, p, height)  # rows of MSGM_4(v - b) + b for MSGM_ffn
@@ -234,7 +260,7 @@ class Engine:
             result = _store(a_next, out, r0)
         return result
 
-    def _reconstruct(self, net: SSIU, feat: torch.Tensor) -> torch.Tensor:
+    def _reconstruct(self, net: SSIU, feat: torch.Tensor, bf16: bool) -> torch.Tensor:
         """The tail on channels-last features (B, H, W, C) -> (B, num_out_ch, sH, sW).
 
         The reflect-padded 3x3 convolution is the bias plus the sum of its shifted tap products
@@ -253,7 +279,7 @@ class Engine:
         out = feat.new_empty(b, last.out_channels, h * s, w * s)
         above = None  # taps of the row above the band that reach into it (summed over kx)
         for r0, r1 in zip(starts, starts[1:] + [h]):
-            u = _column_sums(_tap_maps(net.tail, feat[:, r0:r1].contiguous()))
+            u = _column_sums(_tap_maps(net.tail, feat[:, r0:r1].contiguous(), bf16))
             u[1] += bias[:, None, None]
             rows = out[:, :, r0 * s:r1 * s]
             torch.add(u[1][:, :, 1:], u[0][:, :, :-1], out=rows[:, :, 1:])
@@ -388,19 +414,28 @@ def _supported(net: SSIU) -> bool:
             and _tail_supported(net.tail, c, net.upscale))
 
 
-def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool = False) -> torch.Tensor:
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, bf16: bool,
+            gelu: bool = False) -> torch.Tensor:
     """1x1 convolution (oneDNN) of a contiguous channels-last ``(B, H, W, C_in)`` map, GELU fused if ``gelu``.
 
-    ``weight`` is ``(C_out, C_in)``.
+    ``weight`` is ``(C_out, C_in)``. With ``bf16`` the compiled kernel computes it from bfloat16 operands, with
+    float32 accumulators and output.
     """
+    if bf16:
+        return kernels.linear_bf16(x, weight, bias, gelu=gelu)
     out = _ONEDNN_CONV(x.permute(0, 3, 1, 2), weight[:, :, None, None], bias, *_POINTWISE, 'gelu' if gelu else 'none',
                        [], 'none' if gelu else None)
     return out.permute(0, 2, 3, 1)
 
 
-def _linear_add_(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                 add: torch.Tensor) -> torch.Tensor:
-    """``add += x @ weight.T + bias`` (oneDNN) on contiguous channels-last maps of other storage; returns ``add``."""
+def _linear_add_(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, add: torch.Tensor,
+                 bf16: bool) -> torch.Tensor:
+    """``add += x @ weight.T + bias`` (oneDNN) on contiguous channels-last maps of other storage; returns ``add``.
+
+    With ``bf16``, a new map ``add + x @ weight.T + bias`` from bfloat16 operands (:func:`_linear`).
+    """
+    if bf16:
+        return kernels.linear_bf16(x, weight, bias, add=add)
     out = _ONEDNN_CONV_ADD_(add.permute(0, 3, 1, 2), x.permute(0, 3, 1, 2), weight[:, :, None, None], bias,
                             *_POINTWISE, 'add', None, None, [], None)
     return out.permute(0, 2, 3, 1)
@@ -437,7 +472,7 @@ def _msgm(
     x: torch.Tensor,
     top: int,
     bottom: int,
-    tile_pixels: int,
+    tile: tuple[int, bool],
     shift: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
     add: torch.Tensor | None = None,
@@ -449,7 +484,8 @@ def _msgm(
     ``x' = norm(x)`` (``x`` if no ``norm``) and ``gated`` is the MSGM before ``project_out``. ``x`` holds the rows
     of a band plus the depthwise halo rows above and below it, except ``top``/``bottom`` rows beyond the map's
     border, which are reflected; the result has the band's rows. ``shift`` (C,) is folded into the input
-    projection biases; ``bias`` replaces ``project_out``'s own (None: no bias).
+    projection biases; ``bias`` replaces ``project_out``'s own (None: no bias). ``tile``: pixels per cache tile,
+    and whether the products take bfloat16 operands.
     """
     reduce, depthwise, expand = m.project_in2
     p = _halo(m)
@@ -459,7 +495,7 @@ def _msgm(
         gate_bias, value_bias = gate_bias + gate_weight @ shift, value_bias + value_weight @ shift
     return kernels.msgm(x, gate_weight, gate_bias, value_weight, value_bias, depthwise.weight, depthwise.bias,
                         _matrix(expand), expand.bias, _matrix(m.project_out), bias, add, residual, p - top,
-                        x.shape[1] - 2 * p + top + bottom, tile_pixels, norm=norm)
+                        x.shape[1] - 2 * p + top + bottom, tile[0], norm=norm, bf16=tile[1])
 
 
 def _key_embedding(esam: ESAM) -> torch.Tensor:
@@ -468,16 +504,17 @@ def _key_embedding(esam: ESAM) -> torch.Tensor:
     return torch.cat([esam.rel_h[0].expand(-1, window, -1), esam.rel_w[0].expand(window, -1, -1)], dim=-1)
 
 
-def _attend(esam: ESAM, x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+def _attend(esam: ESAM, x: torch.Tensor, shift: torch.Tensor, bf16: bool) -> torch.Tensor:
     """ESAM of ``x + shift`` before upsampling: (B, H / downsample, W / downsample, C).
 
-    ``shift`` (C,) commutes with max-pooling and is folded into the qkv projection.
+    ``shift`` (C,) commutes with max-pooling and is folded into the qkv projection; ``bf16``: that projection
+    takes bfloat16 operands.
     """
     down = _downsample(esam)
     if down > 1:
         x = F.max_pool2d(x.permute(0, 3, 1, 2), 2, down).permute(0, 2, 3, 1)
     qkv_weight = _matrix(esam.qkv_conv)
-    qkv = _linear(x, qkv_weight, qkv_weight @ shift)
+    qkv = _linear(x, qkv_weight, qkv_weight @ shift, bf16)
     out = kernels.halo_attention(qkv, _key_embedding(esam), esam.num_heads, esam.block_size, esam.halo)
     if down > 1:
         depthwise = esam.LocalProp[0]
@@ -493,17 +530,18 @@ def _combine(esam: ESAM, low: torch.Tensor, v: torch.Tensor, b: torch.Tensor, r0
     return torch.add(_rows(low, r0, r0 + v.shape[1]), v).sub_(b)
 
 
-def _moe(moe: MoEFeatureSelector, experts: list[torch.Tensor], residual: torch.Tensor,
-         with_gates: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _moe(moe: MoEFeatureSelector, experts: list[torch.Tensor], residual: torch.Tensor, with_gates: bool,
+         bf16: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """MoE-FS on three (B, H, W, C) experts: ``fuse(out) + out + residual`` for the gated sum ``out``, and the gates
-    (B, H, W, 3, C), None unless ``with_gates``."""
+    (B, H, W, 3, C), None unless ``with_gates``. ``bf16``: the 1x1 convolutions take bfloat16 operands; the softmax
+    and the gated sum stay float32."""
     fcs = (moe.fc_a, moe.fc_b, moe.fc_c)
-    logits = [_linear(e, _matrix(fc), fc.bias) for fc, e in zip(fcs, experts)]
+    logits = [_linear(e, _matrix(fc), fc.bias, bf16) for fc, e in zip(fcs, experts)]
     out, skip, gates = kernels.moe_combine(logits, experts, residual, with_gates)
-    return _linear_add_(out, _matrix(moe.fuse), moe.fuse.bias, skip), gates
+    return _linear_add_(out, _matrix(moe.fuse), moe.fuse.bias, skip, bf16), gates
 
 
-def _tap_maps(tail: nn.Sequential, feat: torch.Tensor) -> torch.Tensor:
+def _tap_maps(tail: nn.Sequential, feat: torch.Tensor, bf16: bool) -> torch.Tensor:
     """Products of the tail's final 3x3 convolution's taps with the upsampled features (B, h, w, C).
 
     Returns a strided view (3 kx, 3 ky, B, C_out, h', r, sw) of planar maps, ``h' r = sh`` (``r`` the last
@@ -515,7 +553,9 @@ def _tap_maps(tail: nn.Sequential, feat: torch.Tensor) -> torch.Tensor:
     """
     *stages, last = tail
     b, h, w, c = feat.shape
-    r = 1
+    k, o = last.kernel_size[0], last.out_channels
+    taps = last.weight.permute(3, 2, 0, 1).reshape(k * k * o, c)  # rows (kx, ky, o)
+    r, count = 1, len(stages) // 3
     for index, (conv, shuffle) in enumerate(zip(stages[0::3], stages[1::3])):
         if index:  # shuffle the previous stage: (B, h, w, j, i, C) -> (B, h i, w j, C)
             feat = feat.reshape(b, h, w, r, r, c).permute(0, 1, 4, 2, 3, 5).reshape(b, h * r, w * r, c)
@@ -523,11 +563,14 @@ def _tap_maps(tail: nn.Sequential, feat: torch.Tensor) -> torch.Tensor:
         r = shuffle.upscale_factor
         weight = conv.weight.view(-1, r, r, c).permute(2, 1, 0, 3).reshape(conv.out_channels, c)
         bias = conv.bias.view(-1, r, r).permute(2, 1, 0).reshape(-1)
-        feat = _linear(feat, weight, bias, gelu=True)
         c = conv.out_channels // (r * r)
-    k, o = last.kernel_size[0], last.out_channels
-    taps = last.weight.permute(3, 2, 0, 1).reshape(k * k * o, c)  # rows (kx, ky, o)
-    t = torch.mm(taps, feat.reshape(-1, c).T)  # (k k o, B h w r r), pixels (b, y, x, j, i)
+        if bf16 and index == count - 1:  # the last stage and the tap product in one pass, read transposed
+            padded = F.pad(taps, (0, 0, 0, -taps.shape[0] % 16))  # (pixels, taps padded to 16)
+            t = kernels.gelu_product_bf16(feat, weight, bias, padded).T[:taps.shape[0]]
+        else:
+            feat = _linear(feat, weight, bias, bf16, gelu=True)
+    if not bf16:
+        t = torch.mm(taps, feat.reshape(-1, c).T)  # (k k o, B h w r r), pixels (b, y, x, j, i)
     return t.view(k, k, o, b, h, w, r, r).permute(0, 1, 3, 2, 4, 7, 5, 6).flatten(-2)
 
 

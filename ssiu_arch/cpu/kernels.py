@@ -1,7 +1,9 @@
 """Compiled CPU inference kernels (``ssiu_arch/cpu/csrc/kernels.cpp``), registered as ``torch.ops.ssiu.*``.
 
 They are built on first use into a per-user cache (:mod:`ssiu_arch.cpu.build`) when a C++ compiler is available;
-``SSIU_NO_KERNELS=1`` turns them off and ``SSIU_KERNELS_REBUILD=1`` builds them afresh. Only the CPU inference
+``SSIU_NO_KERNELS=1`` turns them off and ``SSIU_KERNELS_REBUILD=1`` builds them afresh. Their bfloat16 products
+(AVX512_BF16 ``vdpbf16ps``) run where the CPU has that instruction set (:func:`bf16_available`); ``SSIU_NO_BF16=1``
+turns them off. Only the CPU inference
 engine (:mod:`ssiu_arch.cpu.engine`) uses them; without them the network runs its own modules, about 2x slower,
 and says so once, as it does for training, tracing and ONNX export, since the kernels have no autograd formula
 and no ONNX mapping.
@@ -61,11 +63,23 @@ def status() -> tuple[bool, str]:
     return _state()
 
 
+def bf16_available() -> bool:
+    """Whether the kernels' bfloat16 products can run: the kernels are loaded, the CPU has AVX512_BF16 (detected
+    at run time) and ``SSIU_NO_BF16`` is unset (or 0)."""
+    return not _switch('SSIU_NO_BF16') and available() and bool(torch.ops.ssiu.bf16_supported())
+
+
+def _bf16_state() -> str:
+    if _switch('SSIU_NO_BF16'):
+        return 'off (SSIU_NO_BF16)'
+    return 'yes (AVX512_BF16)' if torch.ops.ssiu.bf16_supported() else 'no (the CPU lacks AVX512_BF16)'
+
+
 def status_line() -> str:
     """The state in one line, as ``ssiu infer`` and ``ssiu bench`` print it."""
     loaded, detail = status()
     if loaded:
-        return f'compiled CPU kernels: loaded ({detail})'
+        return f'compiled CPU kernels: loaded ({detail}); bfloat16 products: {_bf16_state()}'
     return f'compiled CPU kernels: unavailable ({detail}); about 2x slower'
 
 
@@ -103,12 +117,29 @@ def moe_combine(logits: list[torch.Tensor], experts: list[torch.Tensor], residua
 def msgm(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, wd: torch.Tensor,
          bd: torch.Tensor, w3: torch.Tensor, b3: torch.Tensor, wo: torch.Tensor, bo: torch.Tensor | None,
          add: torch.Tensor | None, residual: bool, offset: int, rows: int, tile_pixels: int,
-         norm: torch.nn.LayerNorm | None = None) -> torch.Tensor:
+         norm: torch.nn.LayerNorm | None = None, bf16: bool = False) -> torch.Tensor:
     """Fused MSGM ``W_o (GELU(W_1 x + b_1) * (W_3 DW(W_2 x + b_2) + b_3)) + b_o [+ add] [+ x]`` on rows
     ``offset:offset + rows`` of a channels-last (B, N, W, C) map, computed in cache-sized tiles of
     ``tile_pixels``; with ``norm``, ``x`` is ``norm`` of the input, computed in the tiles. Weights are (C_out, C_in)
     matrices and the (mid, 1, k, k) depthwise kernel; rows the depthwise convolution needs beyond the input are
-    reflected."""
+    reflected. With ``bf16`` (only where :func:`bf16_available`) the four products take bfloat16 operands, with
+    float32 accumulators; LayerNorm, GELU, the depthwise convolution and every map stay float32."""
     ln_weight, ln_bias, eps = (None, None, 0.0) if norm is None else (norm.weight, norm.bias, norm.eps)
     return torch.ops.ssiu.msgm(x, w1, b1, w2, b2, wd, bd, w3, b3, wo, bo, add, residual, ln_weight, ln_bias, eps,
-                               offset, rows, tile_pixels)
+                               offset, rows, tile_pixels, bf16)
+
+
+def linear_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, add: torch.Tensor | None = None,
+                gelu: bool = False) -> torch.Tensor:
+    """``x @ weight.T + bias``, then GELU (``gelu``) or plus ``add``, on a channels-last float32 map (..., C_in),
+    with bfloat16 operands and float32 accumulators and output (only where :func:`bf16_available`). ``weight`` is
+    (C_out, C_in), both widths multiples of 16."""
+    return torch.ops.ssiu.linear_bf16(x, weight, bias, add, gelu)
+
+
+def gelu_product_bf16(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """``GELU(x @ w1.T + b1)``, its rows of C_1 values split into rows of C_2 (``w2``'s inputs), times ``w2.T``:
+    (pixels C_1 / C_2, N), from bfloat16 operands with float32 accumulators, GELU and output (only where
+    :func:`bf16_available`). ``x`` is a channels-last float32 map (..., C_in); ``w1`` (C_1, C_in), ``w2`` (N, C_2);
+    the intermediate map exists only in cache-sized blocks."""
+    return torch.ops.ssiu.gelu_product_bf16(x, w1, b1, w2)

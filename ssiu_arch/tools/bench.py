@@ -6,7 +6,10 @@ resident memory is its own: ``peak_mem_mb`` is the rise of the process's residen
 following passes under ``torch.inference_mode`` with ``torch.set_num_threads(threads)``. ``efficiency``
 divides the network's multiply-adds per second by those of a dense float32 2048x2048 matmul timed in the
 same process just before each pass, so that it compares the network with what the machine reaches at
-the moment of the measurement (on a shared machine both slow down together).
+the moment of the measurement (on a shared machine both slow down together). With ``bf16``, each timed
+float32 pass is followed by one under ``--precision bf16`` (bfloat16 CPU autocast, or its float32 fallback
+where the CPU lacks native bfloat16): ``bf16_latency_ms`` is their median and ``bf16_ratio`` the median of the
+pairs' latency ratios, measured side by side so that a shared machine's load affects both alike.
 
 By default each case first calls :func:`ssiu_arch.cpu.memory.retain_freed_memory`: eager PyTorch allocates
 every intermediate map afresh, and with glibc's default settings a forward pass page-faults most of its
@@ -39,6 +42,7 @@ from ssiu_arch.cpu.memory import retain_freed_memory
 from ssiu_arch.tools.common import positive_int
 from ssiu_arch.utils.cpu_features import describe_cpu
 from ssiu_arch.utils.fileio import write_text_atomic
+from ssiu_arch.utils.precision import autocast, resolve_precision
 from ssiu_arch.utils.profiling import count_macs, count_params, lr_size_for
 
 # LR input (height, width) per scale: ~1280x720 outputs, the sizes lightweight-SR papers time.
@@ -112,11 +116,12 @@ def load_average() -> str:
 
 
 def measure_inference(arch: str, scale: int, input_hw: tuple[int, int], threads: int = 2, runs: int = 5,
-                      net_opt: dict | None = None, retain_memory: bool = True, maps: str = 'auto') -> dict:
+                      net_opt: dict | None = None, retain_memory: bool = True, maps: str = 'auto',
+                      bf16: bool = False) -> dict:
     """One bench row, measured in this process (see the module docstring; :func:`run_case` isolates it).
 
     ``maps`` is the SSIU inference engine's choice of whole feature maps or row bands: its own rule (``auto``),
-    ``whole`` or ``bands`` (8 MiB bands on maps of any size).
+    ``whole`` or ``bands`` (8 MiB bands on maps of any size). ``bf16``: also time bfloat16 passes, interleaved.
     """
     malloc = 'retain' if retain_memory and retain_freed_memory() else 'default'
     torch.set_num_threads(threads)
@@ -124,7 +129,7 @@ def measure_inference(arch: str, scale: int, input_hw: tuple[int, int], threads:
     if maps != 'auto' and not isinstance(net, archs.SSIU):
         raise BenchError(f'{arch} has no row bands (maps={maps!r})')
     with _engine_maps(maps):
-        return _measure(net, arch, scale, input_hw, threads, runs, malloc, maps)
+        return _measure(net, arch, scale, input_hw, threads, runs, malloc, maps, bf16)
 
 
 @contextlib.contextmanager
@@ -142,7 +147,7 @@ def _engine_maps(maps: str):
 
 
 def _measure(net: nn.Module, arch: str, scale: int, input_hw: tuple[int, int], threads: int, runs: int, malloc: str,
-             maps: str) -> dict:
+             maps: str, bf16: bool) -> dict:
     """The bench row of ``net`` (see :func:`measure_inference`)."""
     in_ch = next((m.in_channels for m in net.modules() if isinstance(m, nn.Conv2d)), 3)
     h, w = input_hw
@@ -153,21 +158,35 @@ def _measure(net: nn.Module, arch: str, scale: int, input_hw: tuple[int, int], t
         macs_g = macs_input = None
     x = torch.rand(1, in_ch, h, w)
     base = _max_rss_mb()
+    low = resolve_precision('bf16', 'cpu')[0] if bf16 else 'fp32'
+
+    def low_pass():
+        with autocast(low, 'cpu'):
+            net(x)
+
     with torch.inference_mode():
         net(x)
         peak = _max_rss_mb()
-        rates, times = [], []
+        if bf16:
+            low_pass()
+        rates, times, low_times = [], [], []
         for _ in range(runs):
             rates.append(matmul_rate())
             times.append(_timed(lambda: net(x)))
+            if bf16:
+                low_times.append(_timed(low_pass))
     latency = statistics.median(times)
     efficiency = macs_input / latency / statistics.median(rates) if macs_input else None
+    extra = {}
+    if bf16:
+        extra = {'bf16_runs': low, 'bf16_latency_ms': round(statistics.median(low_times) * 1e3, 1),
+                 'bf16_ratio': round(statistics.median(b / a for a, b in zip(times, low_times)), 3)}
     return {
         'model': arch, 'scale': scale, 'params': count_params(net),
         'macs_g': None if macs_g is None else round(macs_g, 2), 'input': f'{w}x{h}',
         'latency_ms': round(latency * 1e3, 1), 'peak_mem_mb': round(peak - base, 1),
         'efficiency': None if efficiency is None else round(efficiency, 3), 'threads': threads,
-        'machine': machine_description(), 'malloc': malloc, 'maps': maps,
+        'machine': machine_description(), 'malloc': malloc, 'maps': maps, **extra,
     }
 
 
@@ -217,15 +236,21 @@ def _child_main() -> None:
 
 
 def format_rows(rows: list[dict]) -> str:
-    """A fixed-width table of bench rows."""
+    """A fixed-width table of bench rows, with bf16 latency and ratio columns where a row has them."""
+    low = any('bf16_ratio' in r for r in rows)
     lines = [f'{"model":<10} {"scale":>5} {"input":>9} {"params":>9} {"MACs(G)":>8} {"latency(ms)":>12} '
-             f'{"peak mem(MB)":>13} {"efficiency":>10} {"malloc":>8} {"maps":>6}']
+             f'{"peak mem(MB)":>13} {"efficiency":>10} {"malloc":>8} {"maps":>6}'
+             + (f' {"bf16(ms)":>9} {"bf16/fp32":>9} {"bf16 ran":>8}' if low else '')]
     for r in rows:
         macs = '-' if r['macs_g'] is None else f'{r["macs_g"]:.1f}'
         eff = '-' if r['efficiency'] is None else f'{r["efficiency"]:.3f}'
-        lines.append(f'{r["model"]:<10} {"x" + str(r["scale"]):>5} {r["input"]:>9} {r["params"]:>9,} {macs:>8} '
-                     f'{r["latency_ms"]:>12.1f} {r["peak_mem_mb"]:>13.1f} {eff:>10} {r.get("malloc", "-"):>8} '
-                     f'{r.get("maps", "-"):>6}')
+        line = (f'{r["model"]:<10} {"x" + str(r["scale"]):>5} {r["input"]:>9} {r["params"]:>9,} {macs:>8} '
+                f'{r["latency_ms"]:>12.1f} {r["peak_mem_mb"]:>13.1f} {eff:>10} {r.get("malloc", "-"):>8} '
+                f'{r.get("maps", "-"):>6}')
+        if low:
+            line += (f' {r["bf16_latency_ms"]:>9.1f} {r["bf16_ratio"]:>9.3f} {r["bf16_runs"]:>8}' if 'bf16_ratio' in r
+                     else f' {"-":>9} {"-":>9} {"-":>8}')
+        lines.append(line)
     return '\n'.join(lines)
 
 
@@ -263,7 +288,8 @@ def _run(args: argparse.Namespace) -> int:
             input_hw = args.input or DEFAULT_INPUTS.get(scale, DEFAULT_INPUTS[4])
             try:
                 rows.append(run_case('inference', arch=arch, scale=scale, input_hw=input_hw, threads=args.threads,
-                                     runs=args.runs, net_opt=net_opt, retain_memory=not args.default_malloc))
+                                     runs=args.runs, net_opt=net_opt, retain_memory=not args.default_malloc,
+                                     bf16=args.bf16))
             except BenchError as err:
                 raise SystemExit(f'ssiu bench: {err}') from None
     print(format_rows(rows))
@@ -291,5 +317,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument('--default-malloc', action='store_true',
                         help="measure with glibc's default malloc settings (default: keep freed memory for reuse, "
                              'as MALLOC_MMAP_THRESHOLD_ and MALLOC_TRIM_THRESHOLD_ would)')
+    parser.add_argument('--bf16', action='store_true',
+                        help='also time --precision bf16 passes interleaved with the float32 ones (bf16 latency and '
+                             'bf16/fp32 ratio columns; where the CPU lacks native bfloat16 that runs float32)')
     parser.add_argument('--json', help='write the rows (a JSON list) to this file')
     parser.set_defaults(func=_run)

@@ -368,8 +368,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument('--device', choices=('cpu', 'cuda'), help='default: cuda if available, else cpu')
     parser.add_argument('--precision', choices=tuple(PRECISIONS), default='fp32',
                         help='fp32, or bf16/fp16 under autocast (LayerNorm, softmax and the image stay float32); '
-                             'fp16 needs cuda; bf16 on a CPU runs fp32, with a notice, until it is faster there '
-                             '(default: %(default)s)')
+                             'fp16 needs cuda; bf16 on a CPU runs the bfloat16 kernels of the CPU engine where it has '
+                             'AVX512_BF16, else fp32 with a notice (default: %(default)s)')
     parser.add_argument('--half', dest='precision', action='store_const', const='fp16',
                         help='deprecated: same as --precision fp16')
     parser.add_argument('--overwrite', action='store_true', help='replace existing outputs')

@@ -10,15 +10,19 @@ import contextlib
 
 import torch
 
+from ssiu_arch.cpu import kernels
 from ssiu_arch.utils.cpu_features import native_bf16
 
 PRECISIONS = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 
-# bfloat16 autocast of the reference network against the compiled float32 CPU path, side by side on an x86
-# CPU with avx512_bf16 (torch 2.13, 2 shared threads, full-width SSIU): best-of-three latency ratio 1.1 and 1.8
-# at x4 on 160x90, 1.9 at x2 on 320x180; single runs 1.1 to 5.9; never faster. Until a bfloat16 CPU engine
-# exists, bf16 requests on the CPU run float32 with a notice.
-CPU_BF16_FASTER = False
+# The CPU engine's bfloat16 path (bfloat16 operands in its matrix products, AVX512_BF16) against its float32 path,
+# interleaved pass by pass in one process on an AMD EPYC with avx512_bf16 (torch 2.13, 2 threads shared with a
+# training job, load average 3.4 to 5.2, full-width SSIU, median ratio of 5 to 7 pairs): 0.71 to 0.75 at x2 on
+# 640x360, 0.63 to 0.82 at x4 on 320x180 (one thread, profiled: 0.69). The products run about 1.8x faster; GELU,
+# the attention, the depthwise convolutions, LayerNorm and the passes over maps stay float32 and take the rest.
+# Where the CPU lacks native bfloat16 or the compiled bfloat16 kernels cannot run, bf16 requests run float32 with
+# a notice (bfloat16 autocast of the reference network measured 1.1 to 5.9 times slower than the float32 engine).
+CPU_BF16_FASTER = True
 
 
 class PrecisionError(ValueError):
@@ -36,9 +40,9 @@ def resolve_precision(precision: str, device: str | torch.device) -> tuple[str, 
     """The precision to run for a request on ``device``, and a one-line notice when it differs.
 
     CPU: fp16 is refused (:class:`PrecisionError`; CPU float16 autocast runs 15-20x slower than float32);
-    bf16 runs as fp32 where the CPU lacks native bfloat16, and also where it has it, as long as bfloat16 is
-    not faster than the float32 engine (:data:`CPU_BF16_FASTER`). CUDA: fp16 always, bf16 where the GPU
-    supports it.
+    bf16 runs where the CPU has native bfloat16 and the CPU engine's bfloat16 kernels can run
+    (:func:`ssiu_arch.cpu.kernels.bf16_available`), else as fp32 (:data:`CPU_BF16_FASTER`). CUDA: fp16 always,
+    bf16 where the GPU supports it.
     """
     check_precision(precision)
     device_type = torch.device(device).type
@@ -52,6 +56,8 @@ def resolve_precision(precision: str, device: str | torch.device) -> tuple[str, 
             return 'fp32', 'precision bf16: this CPU has no native bfloat16 (avx512_bf16/amx_bf16), running fp32'
         if not CPU_BF16_FASTER:
             return 'fp32', 'precision bf16: not faster than fp32 on the CPU yet, running fp32'
+        if not kernels.bf16_available():
+            return 'fp32', 'precision bf16: the compiled bfloat16 CPU kernels cannot run here, running fp32'
         return precision, None
     if device_type == 'cuda' and precision == 'bf16' and not torch.cuda.is_bf16_supported(including_emulation=False):
         raise PrecisionError('precision bf16: this GPU has no native bfloat16; use fp16 or fp32')

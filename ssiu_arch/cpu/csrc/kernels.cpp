@@ -260,6 +260,159 @@ SSIU_TARGETS void layer_norm_rows(const float* x, int64_t pixels, int64_t c, con
   }
 }
 
+// ---- bfloat16 GEMMs (AVX512_BF16) ----
+//
+// With `vdpbf16ps` each 32-bit lane multiplies a pair of bfloat16 values by another pair and adds both products
+// to a float32 accumulator: twice the multiply-adds of a float32 FMA per instruction. Operands are bfloat16 (the
+// activations rounded to nearest even once per tile, weights packed once per call as (K / 2, N, 2) pairs);
+// accumulators, biases, epilogues and every stored map stay float32. The code is compiled for that instruction
+// set by a function attribute and runs only where the CPU reports it (bf16_supported), so the library builds and
+// runs everywhere; compilers without the intrinsics leave it out.
+#if defined(__x86_64__) && __has_include(<immintrin.h>) && \
+    ((defined(__clang__) && __clang_major__ >= 16) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 10))
+#define SSIU_HAVE_BF16 1
+#include <immintrin.h>
+#else
+#define SSIU_HAVE_BF16 0
+#endif
+
+bool bf16_supported() {
+#if SSIU_HAVE_BF16
+  static const bool supported = __builtin_cpu_supports("avx512bf16");
+  return supported;
+#else
+  return false;
+#endif
+}
+
+#if SSIU_HAVE_BF16
+#define SSIU_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+
+// n float32 values (n a multiple of 16) rounded to bfloat16, nearest even.
+SSIU_BF16_TARGET void to_bf16(const float* x, int64_t n, uint16_t* out) {
+  for (int64_t i = 0; i < n; i += 16) {
+    const __m256bh half = _mm512_cvtneps_pbh(_mm512_loadu_ps(x + i));
+    std::memcpy(out + i, &half, sizeof half);
+  }
+}
+
+// gemm_rows with bfloat16 operands: x (m, k) bfloat16 with row stride ldx (k even), wp the (k / 2, n, 2) pairs
+// of the weights with n = 16 NV columns from `wp` on and a pair-row stride of ldw values.
+template <int64_t NV, int64_t P, Epilogue E>
+SSIU_BF16_TARGET void gemm_rows_bf16(int64_t m, int64_t k, const uint16_t* x, int64_t ldx, const uint16_t* wp,
+                                     int64_t ldw, const float* bias, const float* e1, const float* e2, int64_t lde,
+                                     float* out, int64_t ldo) {
+  for (int64_t i = 0; i + P <= m; i += P) {
+    __m512 acc[P][NV];
+    for (int64_t r = 0; r < P; ++r) {
+      for (int64_t v = 0; v < NV; ++v) acc[r][v] = _mm512_loadu_ps(bias + 16 * v);
+    }
+    for (int64_t kk = 0; kk < k; kk += 2) {
+      __m512bh w[NV];
+      for (int64_t v = 0; v < NV; ++v) w[v] = (__m512bh)_mm512_loadu_si512(wp + kk / 2 * ldw + 32 * v);
+      for (int64_t r = 0; r < P; ++r) {
+        int32_t pair;
+        std::memcpy(&pair, x + (i + r) * ldx + kk, sizeof pair);
+        const __m512bh xv = (__m512bh)_mm512_set1_epi32(pair);
+        for (int64_t v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], xv, w[v]);
+      }
+    }
+    for (int64_t r = 0; r < P; ++r) {
+      for (int64_t v = 0; v < NV; ++v) _mm512_storeu_ps(out + (i + r) * ldo + 16 * v, acc[r][v]);
+    }
+    if constexpr (E != Epilogue::kBias) {
+      for (int64_t r = 0; r < P; ++r) {
+        for (int64_t v = 0; v < NV; ++v) {
+          float* o = out + (i + r) * ldo + 16 * v;
+          const int64_t at = (i + r) * lde + 16 * v;
+          __m512 y = _mm512_loadu_ps(o);
+          if constexpr (E == Epilogue::kMul) y = _mm512_mul_ps(y, _mm512_loadu_ps(e1 + at));
+          if constexpr (E == Epilogue::kAdd) {
+            y = _mm512_add_ps(y, _mm512_loadu_ps(e1 + at));
+            if (e2) y = _mm512_add_ps(y, _mm512_loadu_ps(e2 + at));
+          }
+          _mm512_storeu_ps(o, y);
+        }
+      }
+    }
+  }
+}
+// gemm_rows_bf16 over any number of rows and any output width n that is a multiple of 16; wp holds (k / 2, n, 2).
+template <Epilogue E>
+SSIU_BF16_TARGET void gemm_bf16(int64_t m, int64_t k, int64_t n, const uint16_t* x, int64_t ldx, const uint16_t* wp,
+                                const float* bias, const float* e1, const float* e2, int64_t lde, float* out,
+                                int64_t ldo) {
+  constexpr int64_t P = 6;
+  const int64_t body = m / P * P;
+  for (int64_t col = 0; col < n; col += 64) {
+    const int64_t nv = std::min<int64_t>(4, (n - col) / 16);
+    const float* c1 = e1 ? e1 + col : nullptr;
+    const float* c2 = e2 ? e2 + col : nullptr;
+    const uint16_t* rx = x + body * ldx;
+    const float* r1 = c1 ? c1 + body * lde : nullptr;
+    const float* r2 = c2 ? c2 + body * lde : nullptr;
+    float* o = out + col;
+    float* ro = o + body * ldo;
+    const uint16_t* w = wp + 2 * col;
+#define SSIU_GEMM(NVV)                                                                           \
+  gemm_rows_bf16<NVV, P, E>(body, k, x, ldx, w, 2 * n, bias + col, c1, c2, lde, o, ldo);        \
+  gemm_rows_bf16<NVV, 1, E>(m - body, k, rx, ldx, w, 2 * n, bias + col, r1, r2, lde, ro, ldo);
+    switch (nv) {
+      case 1: SSIU_GEMM(1) break;
+      case 2: SSIU_GEMM(2) break;
+      case 3: SSIU_GEMM(3) break;
+      default: SSIU_GEMM(4) break;
+    }
+#undef SSIU_GEMM
+  }
+}
+#endif
+
+// A (C_out, C_in) float32 weight matrix as the (C_in / 2, C_out, 2) bfloat16 pairs gemm_bf16 reads.
+at::Tensor pack_bf16(const at::Tensor& w) {
+  const at::Tensor f32 = w.to(at::kFloat).contiguous();
+  const int64_t n = f32.size(0), k = f32.size(1);
+  at::Tensor packed = at::empty({k / 2, n, 2}, f32.options().dtype(at::kBFloat16));
+  const float* src = f32.data_ptr<float>();
+  at::BFloat16* dst = packed.data_ptr<at::BFloat16>();
+  for (int64_t j = 0; j < n; ++j) {
+    for (int64_t kk = 0; kk < k; ++kk) dst[(kk / 2 * n + j) * 2 + kk % 2] = at::BFloat16(src[j * k + kk]);
+  }
+  return packed;
+}
+
+const uint16_t* bf16_data(const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr<at::BFloat16>()); }
+
+// A weight matrix as gemm reads it, (k, n) float32, and as gemm_bf16 does, (k / 2, n, 2) bfloat16 pairs (null
+// unless the bfloat16 path runs).
+struct Weight {
+  const float* f32;
+  const uint16_t* bf16;
+};
+
+// gemm, or gemm_bf16 where the bfloat16 operand xb is given (x then goes unread).
+template <Epilogue E>
+void product(int64_t m, int64_t k, int64_t n, const float* x, const uint16_t* xb, int64_t ldx, const Weight& w,
+             const float* bias, const float* e1, const float* e2, int64_t lde, float* out, int64_t ldo) {
+#if SSIU_HAVE_BF16
+  if (xb) {
+    gemm_bf16<E>(m, k, n, xb, ldx, w.bf16, bias, e1, e2, lde, out, ldo);
+    return;
+  }
+#endif
+  gemm<E>(m, k, n, x, ldx, w.f32, bias, e1, e2, lde, out, ldo);
+}
+
+// Rounds n float32 values (a multiple of 16) to bfloat16 where the bfloat16 path is compiled in.
+void round_bf16(const float* x, int64_t n, uint16_t* out) {
+#if SSIU_HAVE_BF16
+  to_bf16(x, n, out);
+#else
+  (void)x, (void)n, (void)out;
+  TORCH_CHECK(false, "bfloat16 kernels are not compiled in");
+#endif
+}
+
 // Fused Mixed-Scale Gating Module at inference on a channels-last (B, N, W, C) map:
 //
 //   out = W_o (GELU(W_1 x + b_1) * (W_3 DW_k(W_2 x + b_2) + b_3)) + b_o [+ add] [+ x]
@@ -274,7 +427,7 @@ at::Tensor msgm(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
                 const at::Tensor& b3, const at::Tensor& wo, const std::optional<at::Tensor>& bo,
                 const std::optional<at::Tensor>& add, bool residual, const std::optional<at::Tensor>& ln_weight,
                 const std::optional<at::Tensor>& ln_bias, double ln_eps, int64_t offset, int64_t rows,
-                int64_t tile_pixels) {
+                int64_t tile_pixels, bool bf16) {
   TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat && x.device().is_cpu(),
               "msgm: x must be a float32 (B, N, W, C) CPU map");
   const bool normalize = ln_weight.has_value();
@@ -295,6 +448,8 @@ at::Tensor msgm(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
   TORCH_CHECK(offset >= 0 && rows >= 1 && offset + rows <= n, "msgm: rows ", offset, "..", offset + rows,
               " outside the ", n, " input rows");
   TORCH_CHECK(!residual || c_out == c, "msgm: a residual needs as many output as input channels");
+  TORCH_CHECK(!bf16 || bf16_supported(), "msgm: bfloat16 products need a CPU with AVX512_BF16");
+  TORCH_CHECK(!bf16 || c % 16 == 0, "msgm: bfloat16 products need a multiple of 16 input channels");
   at::Tensor addend;
   if (add) {
     TORCH_CHECK(add->sizes() == at::IntArrayRef({batch, rows, width, c_out}) && add->scalar_type() == at::kFloat,
@@ -307,6 +462,14 @@ at::Tensor msgm(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
   const at::Tensor bias3 = f32(b3), bias_o = bo ? f32(*bo) : at::zeros({c_out}, input.options());
   const at::Tensor norm_w = normalize ? f32(*ln_weight) : at::Tensor(), norm_b = normalize ? f32(*ln_bias) : at::Tensor();
   const float eps = static_cast<float>(ln_eps);
+  // Operands of the bfloat16 products: the weights packed once, the activations rounded once per tile.
+  const at::Tensor w1p = bf16 ? pack_bf16(w1) : at::Tensor(), w2p = bf16 ? pack_bf16(w2) : at::Tensor();
+  const at::Tensor w3p = bf16 ? pack_bf16(w3) : at::Tensor(), wop = bf16 ? pack_bf16(wo) : at::Tensor();
+  const auto weight = [bf16](const at::Tensor& f32, const at::Tensor& packed) {
+    return Weight{f32.data_ptr<float>(), bf16 ? bf16_data(packed) : nullptr};
+  };
+  const Weight weight1 = weight(w1t, w1p), weight2 = weight(w2t, w2p), weight3 = weight(w3t, w3p);
+  const Weight weight_o = weight(wot, wop);
   at::Tensor out = at::empty({batch, rows, width, c_out}, input.options());
 
   const int64_t tile_rows = std::max<int64_t>(1, std::min(rows, tile_pixels / width));
@@ -318,6 +481,11 @@ at::Tensor msgm(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
     std::vector<float> value((tile_rows + 2 * p) * width * mid), gate(tile_rows * width * hidden),
         dw(tile_rows * width * mid), expanded(mid == hidden ? 0 : tile_rows * width * hidden),
         normed(normalize ? (tile_rows + 2 * p) * width * c : 0);
+    std::vector<uint16_t> x_bf16(bf16 ? (tile_rows + 2 * p) * width * c : 0),
+        dw_bf16(bf16 ? tile_rows * width * mid : 0), expanded_bf16(bf16 ? tile_rows * width * hidden : 0);
+    uint16_t* const xb = bf16 ? x_bf16.data() : nullptr;
+    uint16_t* const dwb = bf16 ? dw_bf16.data() : nullptr;
+    uint16_t* const eb = bf16 ? expanded_bf16.data() : nullptr;
     // W_3 (DW) + b_3 goes over DW where the widths agree: each block of rows is read before it is stored.
     float* const expand_out = mid == hidden ? dw.data() : expanded.data();
     std::array<const float*, kMaxKernel> src{};
@@ -341,10 +509,12 @@ at::Tensor msgm(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
                         normed.data());
         x_lo = normed.data();
       }
+      const int64_t first = std::min(start, r0);  // first row either product reads
+      if (xb) round_bf16(x_lo + (first - lo) * width * c, (hi - first) * width * c, xb + (first - lo) * width * c);
       if (start < hi) {
-        gemm<Epilogue::kBias>((hi - start) * width, c, mid, x_lo + (start - lo) * width * c, c, w2t.data_ptr<float>(),
-                              bias2.data_ptr<float>(), nullptr, nullptr, 0,
-                              value.data() + (start - lo) * width * mid, mid);
+        product<Epilogue::kBias>((hi - start) * width, c, mid, x_lo + (start - lo) * width * c,
+                                 xb ? xb + (start - lo) * width * c : nullptr, c, weight2, bias2.data_ptr<float>(),
+                                 nullptr, nullptr, 0, value.data() + (start - lo) * width * mid, mid);
       }
       held_image = image, held_lo = lo, held_hi = hi;
       for (int64_t r = r0; r < r1; ++r) {
@@ -353,20 +523,22 @@ at::Tensor msgm(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
                   dw.data() + (r - r0) * width * mid);
       }
       const float* x_rows = x_lo + (r0 - lo) * width * c;
-      gemm<Epilogue::kBias>(m, c, hidden, x_rows, c, w1t.data_ptr<float>(), bias1.data_ptr<float>(), nullptr,
-                            nullptr, 0, gate.data(), hidden);
+      product<Epilogue::kBias>(m, c, hidden, x_rows, xb ? xb + (r0 - lo) * width * c : nullptr, c, weight1,
+                               bias1.data_ptr<float>(), nullptr, nullptr, 0, gate.data(), hidden);
       gelu_inplace(gate.data(), m * hidden);
-      gemm<Epilogue::kMul>(m, mid, hidden, dw.data(), mid, w3t.data_ptr<float>(), bias3.data_ptr<float>(),
-                           gate.data(), nullptr, hidden, expand_out, hidden);
+      if (dwb) round_bf16(dw.data(), m * mid, dwb);
+      product<Epilogue::kMul>(m, mid, hidden, dw.data(), dwb, mid, weight3, bias3.data_ptr<float>(), gate.data(),
+                              nullptr, hidden, expand_out, hidden);
+      if (eb) round_bf16(expand_out, m * hidden, eb);
       float* o = out_data + ((image * rows) + (r0 - offset)) * width * c_out;
       const float* a = add ? add_data + ((image * rows) + (r0 - offset)) * width * c_out : nullptr;
       const float* res = residual ? x_rows : nullptr;
       if (a || res) {
-        gemm<Epilogue::kAdd>(m, hidden, c_out, expand_out, hidden, wot.data_ptr<float>(), bias_o.data_ptr<float>(),
-                             a ? a : res, a ? res : nullptr, c_out, o, c_out);
+        product<Epilogue::kAdd>(m, hidden, c_out, expand_out, eb, hidden, weight_o, bias_o.data_ptr<float>(),
+                                a ? a : res, a ? res : nullptr, c_out, o, c_out);
       } else {
-        gemm<Epilogue::kBias>(m, hidden, c_out, expand_out, hidden, wot.data_ptr<float>(), bias_o.data_ptr<float>(),
-                              nullptr, nullptr, 0, o, c_out);
+        product<Epilogue::kBias>(m, hidden, c_out, expand_out, eb, hidden, weight_o, bias_o.data_ptr<float>(), nullptr,
+                                 nullptr, 0, o, c_out);
       }
     }
   });
@@ -486,6 +658,93 @@ at::Tensor upsample_combine(const at::Tensor& low, const at::Tensor& v, const at
   return out;
 }
 
+
+// x @ weight.T + bias, then GELU (gelu) or plus `add`, on a channels-last float32 map (..., C_in) with bfloat16
+// operands and float32 accumulators and output (bf16_supported CPUs only): the engine's 1x1 convolutions in its
+// bfloat16 path. weight is (C_out, C_in); C_in and C_out multiples of 16.
+at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                       const std::optional<at::Tensor>& add, bool gelu) {
+  TORCH_CHECK(bf16_supported(), "linear_bf16: needs a CPU with AVX512_BF16");
+  TORCH_CHECK(x.dim() >= 1 && x.scalar_type() == at::kFloat && x.device().is_cpu(),
+              "linear_bf16: x must be a float32 CPU map with channels last");
+  const at::Tensor input = x.contiguous();
+  const int64_t k = input.size(-1), n = weight.size(0), pixels = input.numel() / std::max<int64_t>(k, 1);
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == k && k % 16 == 0 && n % 16 == 0,
+              "linear_bf16: weight must be (C_out, ", k, ") with both widths multiples of 16, got ", weight.sizes());
+  TORCH_CHECK(!(gelu && add), "linear_bf16: GELU or an addend, not both");
+  std::vector<int64_t> shape(input.sizes().begin(), input.sizes().end());
+  shape.back() = n;
+  at::Tensor addend;
+  if (add) {
+    TORCH_CHECK(add->sizes() == at::IntArrayRef(shape) && add->scalar_type() == at::kFloat,
+                "linear_bf16: add must be a float32 map shaped like the output");
+    addend = add->contiguous();
+  }
+  const at::Tensor packed = pack_bf16(weight);
+  const at::Tensor shift = bias ? bias->to(at::kFloat).contiguous() : at::zeros({n}, input.options());
+  at::Tensor out = at::empty(shape, input.options());
+  const Weight w{nullptr, bf16_data(packed)};
+  const float* in = input.data_ptr<float>();
+  const float* b = shift.data_ptr<float>();
+  const float* a = add ? addend.data_ptr<float>() : nullptr;
+  float* o = out.data_ptr<float>();
+  constexpr int64_t chunk = 240;  // pixels per block: a multiple of the kernel's 6 rows
+  at::parallel_for(0, (pixels + chunk - 1) / chunk, 1, [&](int64_t begin, int64_t end) {
+    std::vector<uint16_t> xb(chunk * k);
+    for (int64_t block = begin; block < end; ++block) {
+      const int64_t p0 = block * chunk, m = std::min(chunk, pixels - p0);
+      round_bf16(in + p0 * k, m * k, xb.data());
+      if (a) {
+        product<Epilogue::kAdd>(m, k, n, nullptr, xb.data(), k, w, b, a + p0 * n, nullptr, n, o + p0 * n, n);
+      } else {
+        product<Epilogue::kBias>(m, k, n, nullptr, xb.data(), k, w, b, nullptr, nullptr, 0, o + p0 * n, n);
+        if (gelu) gelu_inplace(o + p0 * n, m * n);
+      }
+    }
+  });
+  return out;
+}
+
+// GELU(x @ w1.T + b1) with its rows of C_1 values split into rows of w2's C_2 inputs, times w2.T: a 1x1
+// convolution with GELU followed by a second one on its channels taken C_2 at a time (the tail's last stage and
+// its tap product, before pixel shuffle), from bfloat16 operands with float32 accumulators, GELU and output, the
+// intermediate map held in cache-sized blocks only. x (..., C_in) channels-last float32, w1 (C_1, C_in), w2
+// (N, C_2), C_1 a multiple of C_2, every width a multiple of 16. Returns (pixels C_1 / C_2, N).
+at::Tensor gelu_product_bf16(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2) {
+  TORCH_CHECK(bf16_supported(), "gelu_product_bf16: needs a CPU with AVX512_BF16");
+  TORCH_CHECK(x.dim() >= 1 && x.scalar_type() == at::kFloat && x.device().is_cpu(),
+              "gelu_product_bf16: x must be a float32 CPU map with channels last");
+  const at::Tensor input = x.contiguous();
+  const int64_t k = input.size(-1), pixels = input.numel() / std::max<int64_t>(k, 1);
+  const int64_t c1 = w1.size(0), c2 = w2.size(1), n = w2.size(0);
+  TORCH_CHECK(w1.dim() == 2 && w2.dim() == 2 && w1.size(1) == k && b1.numel() == c1 && k % 16 == 0 &&
+              c1 % 16 == 0 && c2 % 16 == 0 && c1 % c2 == 0 && n % 16 == 0,
+              "gelu_product_bf16: weights ", w1.sizes(), " and ", w2.sizes(), " do not fit ", k,
+              " input channels with widths multiples of 16");
+  const int64_t split = c1 / c2;
+  const at::Tensor p1 = pack_bf16(w1), p2 = pack_bf16(w2);
+  const at::Tensor bias1 = b1.to(at::kFloat).contiguous(), zero = at::zeros({n}, input.options());
+  at::Tensor out = at::empty({pixels * split, n}, input.options());
+  const Weight first{nullptr, bf16_data(p1)}, second{nullptr, bf16_data(p2)};
+  const float* in = input.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  constexpr int64_t chunk = 60;  // pixels per block: a multiple of the kernel's 6 rows
+  at::parallel_for(0, (pixels + chunk - 1) / chunk, 1, [&](int64_t begin, int64_t end) {
+    std::vector<uint16_t> xb(chunk * k), hb(chunk * c1);
+    std::vector<float> h(chunk * c1);
+    for (int64_t block = begin; block < end; ++block) {
+      const int64_t p0 = block * chunk, m = std::min(chunk, pixels - p0);
+      round_bf16(in + p0 * k, m * k, xb.data());
+      product<Epilogue::kBias>(m, k, c1, nullptr, xb.data(), k, first, bias1.data_ptr<float>(), nullptr, nullptr, 0,
+                               h.data(), c1);
+      gelu_inplace(h.data(), m * c1);
+      round_bf16(h.data(), m * c1, hb.data());
+      product<Epilogue::kBias>(m * split, c2, n, nullptr, hb.data(), c2, second, zero.data_ptr<float>(), nullptr,
+                               nullptr, 0, o + p0 * split * n, n);
+    }
+  });
+  return out;
+}
 
 constexpr int64_t kMaxExperts = 8;
 
@@ -751,7 +1010,10 @@ TORCH_LIBRARY(ssiu, m) {
   m.def("depthwise_reflect(Tensor x, Tensor weight, Tensor? bias, int offset, int rows) -> Tensor");
   m.def("msgm(Tensor x, Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor wd, Tensor bd, Tensor w3, Tensor b3, "
         "Tensor wo, Tensor? bo, Tensor? add, bool residual, Tensor? ln_weight, Tensor? ln_bias, float ln_eps, "
-        "int offset, int rows, int tile_pixels) -> Tensor");
+        "int offset, int rows, int tile_pixels, bool bf16=False) -> Tensor");
+  m.def("linear_bf16(Tensor x, Tensor weight, Tensor? bias, Tensor? add, bool gelu) -> Tensor");
+  m.def("gelu_product_bf16(Tensor x, Tensor w1, Tensor b1, Tensor w2) -> Tensor");
+  m.def("bf16_supported() -> bool", bf16_supported);
   m.def("upsample_combine(Tensor low, Tensor v, Tensor b, int r0, int height) -> Tensor");
   m.def("halo_attention(Tensor qkv, Tensor embedding, int heads, int block, int halo) -> Tensor");
   m.def("moe_combine(Tensor[] logits, Tensor[] experts, Tensor? residual, bool with_gates) -> (Tensor, Tensor, Tensor)");
@@ -763,4 +1025,6 @@ TORCH_LIBRARY_IMPL(ssiu, CPU, m) {
   m.impl("upsample_combine", upsample_combine);
   m.impl("halo_attention", halo_attention);
   m.impl("moe_combine", moe_combine);
+  m.impl("linear_bf16", linear_bf16);
+  m.impl("gelu_product_bf16", gelu_product_bf16);
 }
