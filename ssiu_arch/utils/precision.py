@@ -16,12 +16,12 @@ from ssiu_arch.utils.cpu_features import native_bf16
 PRECISIONS = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 
 # The CPU engine's bfloat16 path (bfloat16 operands in its matrix products, AVX512_BF16) against its float32 path,
-# interleaved pass by pass in one process on an AMD EPYC with avx512_bf16 (torch 2.13, 2 threads shared with a
-# training job, load average 3.4 to 5.2, full-width SSIU, median ratio of 5 to 7 pairs): 0.71 to 0.75 at x2 on
-# 640x360, 0.63 to 0.82 at x4 on 320x180 (one thread, profiled: 0.69). The products run about 1.8x faster; GELU,
-# the attention, the depthwise convolutions, LayerNorm and the passes over maps stay float32 and take the rest.
-# Where the CPU lacks native bfloat16 or the compiled bfloat16 kernels cannot run, bf16 requests run float32 with
-# a notice (bfloat16 autocast of the reference network measured 1.1 to 5.9 times slower than the float32 engine).
+# interleaved pass by pass in one process (benchmarks/bench_speed.py) on a quiet 2-vCPU AMD EPYC with avx512_bf16,
+# torch 2.13, 2 threads, full-width SSIU, median ratio of 5 pairs: 0.72 at x2 on 640x360, 0.71 at x3 on 426x240 and
+# at x4 on 320x180. The products run about 1.8x faster; GELU, the attention, the depthwise convolutions, LayerNorm
+# and the passes over maps stay float32 and take the rest. Where the CPU lacks native bfloat16 or the compiled
+# bfloat16 kernels cannot run, bf16 requests run float32 with a notice (bfloat16 autocast of the reference network
+# measured 1.1 to 5.9 times slower than the float32 engine).
 CPU_BF16_FASTER = True
 
 
