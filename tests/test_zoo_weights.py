@@ -19,7 +19,7 @@ from ssiu_arch.utils.weights import load_ssiu, read_checkpoint
 ROOT = Path(__file__).resolve().parents[1]
 WEIGHTS = ROOT / 'benchmarks' / 'weights'
 BENCHMARK = ROOT / 'tests' / 'data' / 'benchmark'
-ZOO = {'SSIU_x2_cpu1k.pth': (2, 64, 9), 'SSIU_x4_cpu1k.pth': (4, 64, 9), 'SSIU_x2_demo.pth': (2, 64, 4)}
+ZOO = {'SSIU_x2_cpu1k.pth': (2, 64, 9), 'SSIU_x4_cpu1k.pth': (4, 64, 9), 'SSIU_x2_demo.pth': (2, 64, 3)}
 PSNR_LIMIT, SSIM_LIMIT = 0.01, 0.0002
 
 sys.path.insert(0, str(ROOT / 'benchmarks'))
