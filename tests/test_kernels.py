@@ -177,11 +177,25 @@ def test_gelu_product_bf16_is_two_products_of_rounded_operands(pixels, c1, c2, n
     x, w1, b1, w2 = torch.randn(pixels, 32), torch.randn(c1, 32) * 0.2, torch.randn(c1), torch.randn(n, c2) * 0.2
     hidden = F.gelu(bf16(x) @ bf16(w1).T + b1).reshape(-1, c2)
     expected = bf16(hidden) @ bf16(w2).T
+    exact = F.gelu(x @ w1.T + b1).reshape(-1, c2) @ w2.T
     got = kernels.gelu_product_bf16(x, w1, b1, w2)
     assert got.shape == (pixels * c1 // c2, n)
-    assert (got - expected).abs().max() <= 2e-3  # a rounding tie of the hidden map may fall the other way
+    # The kernel's GELU is within 2e-5 of the exact one, so a hidden value next to a rounding boundary may round to
+    # the neighbouring bfloat16 value: rare one-unit changes, and no farther from float32 math than `expected`.
+    assert (got - expected).abs().mean() <= 1e-4
+    assert (got - exact).abs().max() <= 1.05 * (expected - exact).abs().max()
+    assert (got - exact).abs().mean() <= 1.01 * (expected - exact).abs().mean()
     with pytest.raises(RuntimeError, match='do not fit'):
         kernels.gelu_product_bf16(x, w1, b1, torch.randn(n, 40))
+
+
+@NEEDS_BF16
+def test_bf16_gelu_is_within_2e_5_of_exact():
+    """The bfloat16 path's GELU (interpolated, for outputs only bfloat16 products read) over [-12, 12]."""
+    x = torch.linspace(-12, 12, 16 * 6001).bfloat16().float().reshape(-1, 16)
+    got = kernels.linear_bf16(x, torch.eye(16), None, gelu=True)  # identity weights: exact in bfloat16
+    assert (got - F.gelu(x)).abs().max() <= 2e-5
+    assert got[x < -5].eq(0).all() and torch.equal(got[x > 6], x[x > 6])
 
 
 @NEEDS_BF16
@@ -196,7 +210,7 @@ def test_linear_bf16_refuses_bad_input():
 @pytest.mark.parametrize('channels, expansion, k, size', [(64, 1.0, 3, (20, 24)), (32, 2.0, 5, (9, 7))])
 def test_fused_msgm_bf16_rounds_only_the_product_operands(channels, expansion, k, size):
     """The bfloat16 MSGM equals the module computed with each product's operands rounded to bfloat16 and
-    everything else in float32."""
+    everything else in float32, up to the kernel's GELU (within 2e-5, see test_bf16_gelu_is_within_2e_5_of_exact)."""
     msgm = MSGM(channels, expansion, k).eval()
     x, add = torch.randn(2, *size, channels), torch.randn(2, size[0] - 3, size[1], channels)
     weights, bias = msgm_weights(msgm), msgm.project_out.bias.detach()
@@ -214,6 +228,9 @@ def test_fused_msgm_bf16_rounds_only_the_product_operands(channels, expansion, k
         band = kernels.msgm(x[:, 3 - p:].contiguous(), *weights, bias, add, True, p, size[0] - 3, 1536, norm=norm,
                             bf16=True)
         module = nhwc(msgm(nchw(xn)))
-    assert (got - expected).abs().max() <= 2e-3  # a rounding tie may fall the other way
-    assert (band - expected[:, 3:] - add - xn[:, 3:]).abs().max() <= 2e-3
+    # A gated value next to a rounding boundary may round to the neighbouring bfloat16 value: rare one-unit
+    # changes, and no farther from the float32 module than `expected`.
+    assert (got - expected).abs().mean() <= 1e-4 and (got - expected).abs().max() <= 1e-2
+    assert (band - expected[:, 3:] - add - xn[:, 3:]).abs().mean() <= 1e-4
+    assert (got - module).abs().mean() <= 1.01 * (expected - module).abs().mean()
     assert 1e-4 < (got - module).abs().max() <= 3e-2

@@ -22,7 +22,8 @@ with bfloat16 operands in every matrix product (the MSGM kernels' four products,
 1x1 convolutions, the tail's stages and tap product), from weights rounded on each call and activations rounded
 tile by tile, with float32 accumulators. Everything else stays float32: LayerNorm statistics, GELU, the softmaxes,
 the depthwise convolutions, the attention, every map carried between steps and every residual sum, the head and
-the final image; input and output are float32.
+the final image; input and output are float32. A GELU whose output only bfloat16 products read (MSGM's gate, the
+tail's stages) is interpolated from a table, within 2e-5 of the exact one: a hundredth of the rounding it meets.
 """
 from __future__ import annotations
 

@@ -123,7 +123,8 @@ def msgm(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, 
     ``tile_pixels``; with ``norm``, ``x`` is ``norm`` of the input, computed in the tiles. Weights are (C_out, C_in)
     matrices and the (mid, 1, k, k) depthwise kernel; rows the depthwise convolution needs beyond the input are
     reflected. With ``bf16`` (only where :func:`bf16_available`) the four products take bfloat16 operands, with
-    float32 accumulators; LayerNorm, GELU, the depthwise convolution and every map stay float32."""
+    float32 accumulators; LayerNorm, GELU, the depthwise convolution and every map stay float32 (GELU interpolated
+    within 2e-5, as its product is rounded to bfloat16)."""
     ln_weight, ln_bias, eps = (None, None, 0.0) if norm is None else (norm.weight, norm.bias, norm.eps)
     return torch.ops.ssiu.msgm(x, w1, b1, w2, b2, wd, bd, w3, b3, wo, bo, add, residual, ln_weight, ln_bias, eps,
                                offset, rows, tile_pixels, bf16)
@@ -133,13 +134,14 @@ def linear_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
                 gelu: bool = False) -> torch.Tensor:
     """``x @ weight.T + bias``, then GELU (``gelu``) or plus ``add``, on a channels-last float32 map (..., C_in),
     with bfloat16 operands and float32 accumulators and output (only where :func:`bf16_available`). ``weight`` is
-    (C_out, C_in), both widths multiples of 16."""
+    (C_out, C_in), both widths multiples of 16. The GELU, for maps that bfloat16 products read next, is
+    interpolated within 2e-5 of the exact one."""
     return torch.ops.ssiu.linear_bf16(x, weight, bias, add, gelu)
 
 
 def gelu_product_bf16(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
     """``GELU(x @ w1.T + b1)``, its rows of C_1 values split into rows of C_2 (``w2``'s inputs), times ``w2.T``:
-    (pixels C_1 / C_2, N), from bfloat16 operands with float32 accumulators, GELU and output (only where
+    (pixels C_1 / C_2, N), from bfloat16 operands with float32 accumulators, GELU (within 2e-5) and output (only where
     :func:`bf16_available`). ``x`` is a channels-last float32 map (..., C_in); ``w1`` (C_1, C_in), ``w2`` (N, C_2);
     the intermediate map exists only in cache-sized blocks."""
     return torch.ops.ssiu.gelu_product_bf16(x, w1, b1, w2)

@@ -167,7 +167,8 @@ SSIU_TARGETS void gelu_inplace(float* x, int64_t n) {
   for (int64_t i = 0; i < n; i += 16) store16(x + i, gelu16(load16(x + i)));
 }
 
-enum class Epilogue { kBias, kMul, kAdd };
+// kGeluMul exists only in the bfloat16 GEMM (see there).
+enum class Epilogue { kBias, kMul, kAdd, kGeluMul };
 
 // out[i] = epilogue(x[i] @ wt + bias) for m rows: x (m, k) with row stride ldx, wt (k, 16 NV) with row stride ldw.
 // Epilogues: kMul multiplies by e1[i], kAdd adds e1[i] and, if given, e2[i] (rows of stride
@@ -288,6 +289,66 @@ bool bf16_supported() {
 #if SSIU_HAVE_BF16
 #define SSIU_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
 
+// GELU(x) = x Phi(x) for the bfloat16 path, whose products round GELU's output to 8 significant bits: Phi by
+// cubic Hermite interpolation of its values and slopes at 33 knots spaced 5/16 apart over [-5, 5], looked up
+// from registers; 0 below and x above (Phi(-5) = 3e-7). Its error, below 1.4e-5 in Phi (h^4 / 384 max |Phi''''|),
+// is a hundredth of that rounding, and it costs a third of erf16's instructions.
+struct GeluTable {
+  static constexpr int kIntervals = 32;
+  static constexpr float kLow = -5.f, kStep = 10.f / kIntervals;
+  __m512 c0[2], c1[2], c2[2], c3[2];  // coefficients of u^0..u^3, u in [0, 1) across each interval
+  SSIU_BF16_TARGET GeluTable() {
+    alignas(64) float coef[4][kIntervals];
+    const auto phi = [](double x) { return 0.5 * std::erfc(-x / std::sqrt(2.0)); };
+    const auto slope = [](double x) { return std::exp(-0.5 * x * x) / std::sqrt(2.0 * M_PI) * kStep; };
+    for (int i = 0; i < kIntervals; ++i) {
+      const double x0 = kLow + i * kStep, x1 = x0 + kStep;
+      const double f0 = phi(x0), f1 = phi(x1), d0 = slope(x0), d1 = slope(x1);
+      coef[0][i] = static_cast<float>(f0);
+      coef[1][i] = static_cast<float>(d0);
+      coef[2][i] = static_cast<float>(3 * (f1 - f0) - 2 * d0 - d1);
+      coef[3][i] = static_cast<float>(2 * (f0 - f1) + d0 + d1);
+    }
+    __m512* tables[4] = {c0, c1, c2, c3};
+    for (int j = 0; j < 4; ++j) {
+      tables[j][0] = _mm512_load_ps(coef[j]);
+      tables[j][1] = _mm512_load_ps(coef[j] + 16);
+    }
+  }
+};
+
+inline const GeluTable& gelu_table() {
+  static const GeluTable table;
+  return table;
+}
+
+SSIU_BF16_TARGET inline __m512 gelu_fast(__m512 x, const GeluTable& g) {
+  __m512 t = _mm512_mul_ps(_mm512_sub_ps(x, _mm512_set1_ps(GeluTable::kLow)), _mm512_set1_ps(1.f / GeluTable::kStep));
+  t = _mm512_min_ps(_mm512_max_ps(t, _mm512_setzero_ps()), _mm512_set1_ps(GeluTable::kIntervals - 0.001f));
+  const __m512i i = _mm512_cvttps_epi32(t);
+  const __m512 u = _mm512_sub_ps(t, _mm512_cvtepi32_ps(i));
+  __m512 p = _mm512_permutex2var_ps(g.c3[0], i, g.c3[1]);
+  p = _mm512_fmadd_ps(p, u, _mm512_permutex2var_ps(g.c2[0], i, g.c2[1]));
+  p = _mm512_fmadd_ps(p, u, _mm512_permutex2var_ps(g.c1[0], i, g.c1[1]));
+  p = _mm512_fmadd_ps(p, u, _mm512_permutex2var_ps(g.c0[0], i, g.c0[1]));
+  const __m512 y = _mm512_maskz_mul_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(GeluTable::kLow), _CMP_GE_OQ), x, p);
+  return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(-GeluTable::kLow), _CMP_GT_OQ), y, x);
+}
+
+// GELU (gelu_fast) of n float32 values (a multiple of 16): into bfloat16 `rounded` if given, else in place.
+SSIU_BF16_TARGET void gelu_fast_rows(float* x, int64_t n, uint16_t* rounded) {
+  const GeluTable& g = gelu_table();
+  for (int64_t i = 0; i < n; i += 16) {
+    const __m512 y = gelu_fast(_mm512_loadu_ps(x + i), g);
+    if (rounded) {
+      const __m256bh half = _mm512_cvtneps_pbh(y);
+      std::memcpy(rounded + i, &half, sizeof half);
+    } else {
+      _mm512_storeu_ps(x + i, y);
+    }
+  }
+}
+
 // n float32 values (n a multiple of 16) rounded to bfloat16, nearest even.
 SSIU_BF16_TARGET void to_bf16(const float* x, int64_t n, uint16_t* out) {
   for (int64_t i = 0; i < n; i += 16) {
@@ -297,11 +358,13 @@ SSIU_BF16_TARGET void to_bf16(const float* x, int64_t n, uint16_t* out) {
 }
 
 // gemm_rows with bfloat16 operands: x (m, k) bfloat16 with row stride ldx (k even), wp the (k / 2, n, 2) pairs
-// of the weights with n = 16 NV columns from `wp` on and a pair-row stride of ldw values.
+// of the weights with n = 16 NV columns from `wp` on and a pair-row stride of ldw values. Epilogue kGeluMul
+// writes (x @ w + bias) * GELU(e1[i]) (gelu_fast) rounded to bfloat16 into outb instead of out: a gated product
+// whose only reader is the next bfloat16 product.
 template <int64_t NV, int64_t P, Epilogue E>
 SSIU_BF16_TARGET void gemm_rows_bf16(int64_t m, int64_t k, const uint16_t* x, int64_t ldx, const uint16_t* wp,
                                      int64_t ldw, const float* bias, const float* e1, const float* e2, int64_t lde,
-                                     float* out, int64_t ldo) {
+                                     float* out, int64_t ldo, uint16_t* outb) {
   for (int64_t i = 0; i + P <= m; i += P) {
     __m512 acc[P][NV];
     for (int64_t r = 0; r < P; ++r) {
@@ -316,6 +379,23 @@ SSIU_BF16_TARGET void gemm_rows_bf16(int64_t m, int64_t k, const uint16_t* x, in
         const __m512bh xv = (__m512bh)_mm512_set1_epi32(pair);
         for (int64_t v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], xv, w[v]);
       }
+    }
+    if constexpr (E == Epilogue::kGeluMul) {
+      // GELU's tables need the registers: the block waits in L1 meanwhile.
+      alignas(64) float block[P][16 * NV];
+      for (int64_t r = 0; r < P; ++r) {
+        for (int64_t v = 0; v < NV; ++v) _mm512_store_ps(block[r] + 16 * v, acc[r][v]);
+      }
+      const GeluTable& g = gelu_table();
+      for (int64_t r = 0; r < P; ++r) {
+        for (int64_t v = 0; v < NV; ++v) {
+          const __m512 y = _mm512_mul_ps(_mm512_load_ps(block[r] + 16 * v),
+                                         gelu_fast(_mm512_loadu_ps(e1 + (i + r) * lde + 16 * v), g));
+          const __m256bh half = _mm512_cvtneps_pbh(y);
+          std::memcpy(outb + (i + r) * ldo + 16 * v, &half, sizeof half);
+        }
+      }
+      continue;
     }
     for (int64_t r = 0; r < P; ++r) {
       for (int64_t v = 0; v < NV; ++v) _mm512_storeu_ps(out + (i + r) * ldo + 16 * v, acc[r][v]);
@@ -341,7 +421,7 @@ SSIU_BF16_TARGET void gemm_rows_bf16(int64_t m, int64_t k, const uint16_t* x, in
 template <Epilogue E>
 SSIU_BF16_TARGET void gemm_bf16(int64_t m, int64_t k, int64_t n, const uint16_t* x, int64_t ldx, const uint16_t* wp,
                                 const float* bias, const float* e1, const float* e2, int64_t lde, float* out,
-                                int64_t ldo) {
+                                int64_t ldo, uint16_t* outb = nullptr) {
   constexpr int64_t P = 6;
   const int64_t body = m / P * P;
   for (int64_t col = 0; col < n; col += 64) {
@@ -351,12 +431,14 @@ SSIU_BF16_TARGET void gemm_bf16(int64_t m, int64_t k, int64_t n, const uint16_t*
     const uint16_t* rx = x + body * ldx;
     const float* r1 = c1 ? c1 + body * lde : nullptr;
     const float* r2 = c2 ? c2 + body * lde : nullptr;
-    float* o = out + col;
-    float* ro = o + body * ldo;
+    float* o = out ? out + col : nullptr;
+    float* ro = o ? o + body * ldo : nullptr;
+    uint16_t* ob = outb ? outb + col : nullptr;
+    uint16_t* rob = ob ? ob + body * ldo : nullptr;
     const uint16_t* w = wp + 2 * col;
-#define SSIU_GEMM(NVV)                                                                           \
-  gemm_rows_bf16<NVV, P, E>(body, k, x, ldx, w, 2 * n, bias + col, c1, c2, lde, o, ldo);        \
-  gemm_rows_bf16<NVV, 1, E>(m - body, k, rx, ldx, w, 2 * n, bias + col, r1, r2, lde, ro, ldo);
+#define SSIU_GEMM(NVV)                                                                            \
+  gemm_rows_bf16<NVV, P, E>(body, k, x, ldx, w, 2 * n, bias + col, c1, c2, lde, o, ldo, ob);     \
+  gemm_rows_bf16<NVV, 1, E>(m - body, k, rx, ldx, w, 2 * n, bias + col, r1, r2, lde, ro, ldo, rob);
     switch (nv) {
       case 1: SSIU_GEMM(1) break;
       case 2: SSIU_GEMM(2) break;
@@ -401,6 +483,28 @@ void product(int64_t m, int64_t k, int64_t n, const float* x, const uint16_t* xb
   }
 #endif
   gemm<E>(m, k, n, x, ldx, w.f32, bias, e1, e2, lde, out, ldo);
+}
+
+// (x @ w + bias) * GELU(gate) rounded to bfloat16 into out, for m rows of k bfloat16 inputs and n outputs (rows
+// of gate and out n wide), where the bfloat16 path is compiled in.
+void gated_product_bf16(int64_t m, int64_t k, int64_t n, const uint16_t* x, const Weight& w, const float* bias,
+                        const float* gate, uint16_t* out) {
+#if SSIU_HAVE_BF16
+  gemm_bf16<Epilogue::kGeluMul>(m, k, n, x, k, w.bf16, bias, gate, nullptr, n, nullptr, n, out);
+#else
+  (void)m, (void)k, (void)n, (void)x, (void)w, (void)bias, (void)gate, (void)out;
+  TORCH_CHECK(false, "bfloat16 kernels are not compiled in");
+#endif
+}
+
+// gelu_fast_rows where the bfloat16 path is compiled in: GELU for outputs that only bfloat16 products read.
+void gelu_for_bf16(float* x, int64_t n, uint16_t* rounded) {
+#if SSIU_HAVE_BF16
+  gelu_fast_rows(x, n, rounded);
+#else
+  (void)x, (void)n, (void)rounded;
+  TORCH_CHECK(false, "bfloat16 kernels are not compiled in");
+#endif
 }
 
 // Rounds n float32 values (a multiple of 16) to bfloat16 where the bfloat16 path is compiled in.
@@ -479,7 +583,7 @@ at::Tensor msgm(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
   float* out_data = out.data_ptr<float>();
   at::parallel_for(0, batch * tiles, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> value((tile_rows + 2 * p) * width * mid), gate(tile_rows * width * hidden),
-        dw(tile_rows * width * mid), expanded(mid == hidden ? 0 : tile_rows * width * hidden),
+        dw(tile_rows * width * mid), expanded(mid == hidden || bf16 ? 0 : tile_rows * width * hidden),
         normed(normalize ? (tile_rows + 2 * p) * width * c : 0);
     std::vector<uint16_t> x_bf16(bf16 ? (tile_rows + 2 * p) * width * c : 0),
         dw_bf16(bf16 ? tile_rows * width * mid : 0), expanded_bf16(bf16 ? tile_rows * width * hidden : 0);
@@ -489,7 +593,8 @@ at::Tensor msgm(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
     // W_3 (DW) + b_3 goes over DW where the widths agree: each block of rows is read before it is stored.
     float* const expand_out = mid == hidden ? dw.data() : expanded.data();
     std::array<const float*, kMaxKernel> src{};
-    int64_t held_image = -1, held_lo = 0, held_hi = 0;  // input rows whose values `value` holds
+    // Input rows whose values `value` holds, and from which row on `normed` and `x_bf16` hold them prepared.
+    int64_t held_image = -1, held_lo = 0, held_hi = 0, held_first = 0;
     for (int64_t t = begin; t < end; ++t) {
       const int64_t image = t / tiles;
       const int64_t r0 = offset + (t % tiles) * tile_rows, r1 = std::min(r0 + tile_rows, offset + rows);
@@ -497,26 +602,36 @@ at::Tensor msgm(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
       const float* xi = in + image * n * width * c;
       // Value rows the tile reads; reflected rows beyond the input are rows it holds.
       const int64_t lo = std::max<int64_t>(r0 - p, 0), hi = std::min(r1 + p, n);
-      int64_t start = lo;
-      if (held_image == image && held_lo <= lo && lo < held_hi) {
+      const bool held = held_image == image && held_lo <= lo && lo < held_hi;
+      const int64_t start = held ? held_hi : lo;  // first row without a value
+      if (held) {
         std::memmove(value.data(), value.data() + (lo - held_lo) * width * mid, (held_hi - lo) * width * mid * 4);
-        start = held_hi;
       }
-      // The input rows [lo, hi), normalized into `normed` if asked for.
-      const float* x_lo = xi + lo * width * c;
-      if (normalize) {
-        layer_norm_rows(x_lo, (hi - lo) * width, c, norm_w.data_ptr<float>(), norm_b.data_ptr<float>(), eps,
-                        normed.data());
-        x_lo = normed.data();
+      // The input rows [first, hi) that the products read, normalized into `normed` if asked for and rounded
+      // into `x_bf16` for bfloat16 products, all indexed from row lo; the rows the last tile prepared move.
+      const int64_t first = std::min(start, r0);
+      int64_t ready = first;
+      if (held && held_first <= first) {
+        const int64_t from = (first - held_lo) * width * c, to = (first - lo) * width * c;
+        const int64_t count = (held_hi - first) * width * c;
+        if (normalize) std::memmove(normed.data() + to, normed.data() + from, count * sizeof(float));
+        if (xb) std::memmove(xb + to, xb + from, count * sizeof(uint16_t));
+        ready = held_hi;
       }
-      const int64_t first = std::min(start, r0);  // first row either product reads
-      if (xb) round_bf16(x_lo + (first - lo) * width * c, (hi - first) * width * c, xb + (first - lo) * width * c);
+      const float* x_lo = normalize ? normed.data() : xi + lo * width * c;
+      if (normalize && ready < hi) {
+        layer_norm_rows(xi + ready * width * c, (hi - ready) * width, c, norm_w.data_ptr<float>(),
+                        norm_b.data_ptr<float>(), eps, normed.data() + (ready - lo) * width * c);
+      }
+      if (xb && ready < hi) {
+        round_bf16(x_lo + (ready - lo) * width * c, (hi - ready) * width * c, xb + (ready - lo) * width * c);
+      }
       if (start < hi) {
         product<Epilogue::kBias>((hi - start) * width, c, mid, x_lo + (start - lo) * width * c,
                                  xb ? xb + (start - lo) * width * c : nullptr, c, weight2, bias2.data_ptr<float>(),
                                  nullptr, nullptr, 0, value.data() + (start - lo) * width * mid, mid);
       }
-      held_image = image, held_lo = lo, held_hi = hi;
+      held_image = image, held_lo = lo, held_hi = hi, held_first = first;
       for (int64_t r = r0; r < r1; ++r) {
         for (int64_t ky = 0; ky < k; ++ky) src[ky] = value.data() + (reflect(r + ky - p, n) - lo) * width * mid;
         depthwise(src.data(), width, mid, taps.data_ptr<float>(), bias_d.data_ptr<float>(),
@@ -525,11 +640,14 @@ at::Tensor msgm(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
       const float* x_rows = x_lo + (r0 - lo) * width * c;
       product<Epilogue::kBias>(m, c, hidden, x_rows, xb ? xb + (r0 - lo) * width * c : nullptr, c, weight1,
                                bias1.data_ptr<float>(), nullptr, nullptr, 0, gate.data(), hidden);
-      gelu_inplace(gate.data(), m * hidden);
-      if (dwb) round_bf16(dw.data(), m * mid, dwb);
-      product<Epilogue::kMul>(m, mid, hidden, dw.data(), dwb, mid, weight3, bias3.data_ptr<float>(), gate.data(),
-                              nullptr, hidden, expand_out, hidden);
-      if (eb) round_bf16(expand_out, m * hidden, eb);
+      if (dwb) {  // the gated product straight to bfloat16, GELU in its epilogue
+        round_bf16(dw.data(), m * mid, dwb);
+        gated_product_bf16(m, mid, hidden, dwb, weight3, bias3.data_ptr<float>(), gate.data(), eb);
+      } else {
+        gelu_inplace(gate.data(), m * hidden);
+        product<Epilogue::kMul>(m, mid, hidden, dw.data(), nullptr, mid, weight3, bias3.data_ptr<float>(),
+                                gate.data(), nullptr, hidden, expand_out, hidden);
+      }
       float* o = out_data + ((image * rows) + (r0 - offset)) * width * c_out;
       const float* a = add ? add_data + ((image * rows) + (r0 - offset)) * width * c_out : nullptr;
       const float* res = residual ? x_rows : nullptr;
@@ -698,7 +816,7 @@ at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& weight, const std:
         product<Epilogue::kAdd>(m, k, n, nullptr, xb.data(), k, w, b, a + p0 * n, nullptr, n, o + p0 * n, n);
       } else {
         product<Epilogue::kBias>(m, k, n, nullptr, xb.data(), k, w, b, nullptr, nullptr, 0, o + p0 * n, n);
-        if (gelu) gelu_inplace(o + p0 * n, m * n);
+        if (gelu) gelu_for_bf16(o + p0 * n, m * n, nullptr);
       }
     }
   });
@@ -737,8 +855,7 @@ at::Tensor gelu_product_bf16(const at::Tensor& x, const at::Tensor& w1, const at
       round_bf16(in + p0 * k, m * k, xb.data());
       product<Epilogue::kBias>(m, k, c1, nullptr, xb.data(), k, first, bias1.data_ptr<float>(), nullptr, nullptr, 0,
                                h.data(), c1);
-      gelu_inplace(h.data(), m * c1);
-      round_bf16(h.data(), m * c1, hb.data());
+      gelu_for_bf16(h.data(), m * c1, hb.data());
       product<Epilogue::kBias>(m * split, c2, n, nullptr, hb.data(), c2, second, zero.data_ptr<float>(), nullptr,
                                nullptr, 0, o + p0 * split * n, n);
     }
