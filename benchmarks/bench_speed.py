@@ -8,8 +8,10 @@ twice, with whole feature maps and with 8 MiB row bands (by default SSIU's CPU i
 Each inference case also times ``--precision bf16`` passes interleaved with the float32 ones in the same process
 (bfloat16 CPU autocast through the engine's bfloat16 kernels, or the float32 fallback on a CPU without native
 bfloat16): the bf16 latency and the median bf16/fp32 ratio of the pairs, printed side by side, against the
-targets of at most 0.5 at x4 320x180 and x2 640x360. The training step is one forward + backward of an x2 batch
-of 8 LR patches of 64x64.
+targets of at most 0.5 at x4 320x180 and x2 640x360. For scale, on a CPU with native bfloat16 it also prints
+the bfloat16/float32 rate of oneDNN's own matrix products (``torch.mm``) of a 2048 square and of the network's
+shape (a 320x192 map of 64 channels times 64x64): the latency ratio that products alone could reach. The training
+step is one forward + backward of an x2 batch of 8 LR patches of 64x64.
 
     python benchmarks/bench_speed.py [--threads 2] [--runs 5] [--malloc both|retain|default] [--maps auto|compare]
 """
@@ -20,10 +22,31 @@ import argparse
 import torch
 
 from ssiu_arch.cpu import kernels
-from ssiu_arch.tools.bench import DEFAULT_INPUTS, format_rows, load_average, machine_description, run_case
+from ssiu_arch.tools.bench import (
+    DEFAULT_INPUTS,
+    format_rows,
+    load_average,
+    machine_description,
+    matmul_rate,
+    run_case,
+)
+from ssiu_arch.utils.cpu_features import native_bf16
 
 # Largest bf16/fp32 latency ratio aimed at on a CPU with native bfloat16, per (scale, LR input height, width).
 BF16_TARGETS = {(4, 180, 320): 0.5, (2, 360, 640): 0.5}
+# (m, k, n) of the matrix products timed for scale: a 2048 square, and a 64 -> 64 1x1 convolution of a 320x192 map.
+PRODUCT_SHAPES = {'2048x2048x2048': (2048, 2048, 2048), '61440x64x64': (320 * 192, 64, 64)}
+
+
+def product_rates(threads: int) -> str:
+    """oneDNN's float32 and bfloat16 matrix-product rates on this CPU, one line."""
+    torch.set_num_threads(threads)
+    parts = []
+    for name, shape in PRODUCT_SHAPES.items():
+        fp32, bf16 = (matmul_rate(shape=shape, repeats=5, dtype=dtype) for dtype in (torch.float32, torch.bfloat16))
+        parts.append(f'{name}: fp32 {fp32 / 1e9:.0f}, bf16 {bf16 / 1e9:.0f} G multiply-adds/s (bf16/fp32 time '
+                     f'{fp32 / bf16:.2f})')
+    return 'torch.mm on this CPU, ' + '; '.join(parts)
 
 
 def main() -> None:
@@ -39,6 +62,8 @@ def main() -> None:
 
     print(f'machine: {machine_description()}; torch {torch.__version__}; threads {args.threads}')
     print(kernels.status_line())
+    if native_bf16():
+        print(product_rates(args.threads))
     print(f'load average at start: {load_average()}', flush=True)
     rows = []
     for retain in modes:

@@ -198,6 +198,50 @@ def test_bf16_gelu_is_within_2e_5_of_exact():
     assert got[x < -5].eq(0).all() and torch.equal(got[x > 6], x[x > 6])
 
 
+def attention_with_rounded_operands(esam: ESAM, qkv: torch.Tensor) -> torch.Tensor:
+    """ESAM's attention (no pooling) on an NCHW qkv map, with the operands of both products rounded to bfloat16
+    (queries, keys plus embedding, the softmax's exps, values) and float32 elsewhere: (B, h, w, C)."""
+    q, k, v = qkv.chunk(3, dim=1)
+    heads, block = esam.num_heads, esam.block_size
+    window, dim = block + 2 * esam.halo, q.shape[1] // heads
+    blocks = q.reshape(q.shape[0], heads, dim, q.shape[2] // block, block, q.shape[3] // block, block)
+    blocks = blocks.permute(0, 3, 5, 1, 4, 6, 2)  # b y x n i j d
+    shape = blocks.shape
+    q = blocks.reshape(-1, heads, block * block, dim)
+    k, v = (esam.windows(t).reshape(t.shape[0], heads, dim, -1, window, t.shape[3] // block, window)
+            .permute(0, 3, 5, 1, 4, 6, 2).reshape(-1, heads, window * window, dim) for t in (k, v))
+    scores = bf16(q) @ bf16(k + esam.key_embedding()).transpose(-2, -1) * dim ** -0.5
+    exps = (scores - scores.amax(-1, keepdim=True)).exp()
+    out = (bf16(exps) @ bf16(v)) / exps.sum(-1, keepdim=True)
+    out = out.reshape(shape).permute(0, 1, 4, 2, 5, 3, 6)  # b y i x j n d
+    return out.reshape(shape[0], shape[1] * block, shape[2] * block, heads * dim)
+
+
+@NEEDS_BF16
+@pytest.mark.parametrize('channels, heads, block, halo, size', [
+    (64, 4, 8, 1, (16, 24)), (64, 2, 4, 2, (8, 12)), (96, 3, 8, 0, (16, 16)), (32, 2, 8, 1, (8, 8)),
+])
+def test_halo_attention_bf16_rounds_only_the_product_operands(channels, heads, block, halo, size):
+    esam = ESAM(channels, heads, block, halo, downsample=1).eval()
+    x = torch.randn(2, channels, *size) * 3
+    window = block + 2 * halo
+    embedding = torch.cat([esam.rel_h[0].expand(-1, window, -1), esam.rel_w[0].expand(window, -1, -1)], dim=-1)
+    with torch.no_grad():
+        qkv = esam.qkv_conv(x)
+        got = kernels.halo_attention(nhwc(qkv).contiguous(), embedding, heads, block, halo, bf16=True)
+        expected = attention_with_rounded_operands(esam, qkv)
+        exact = nhwc(esam(x))
+    assert (got - expected).abs().max() <= 1e-4 * expected.abs().max()
+    assert (got - exact).abs().max() > 1e-4  # really bfloat16
+
+
+def test_halo_attention_bf16_steps_aside_for_heads_it_was_not_written_for():
+    """Heads of 8 channels: float32, the same numbers as without bf16 (on any CPU)."""
+    qkv, embedding = torch.randn(1, 8, 8, 3 * 40), torch.randn(10, 10, 8)
+    assert torch.equal(kernels.halo_attention(qkv, embedding, 5, 8, 1, bf16=True),
+                       kernels.halo_attention(qkv, embedding, 5, 8, 1))
+
+
 @NEEDS_BF16
 def test_linear_bf16_refuses_bad_input():
     with pytest.raises(RuntimeError, match='multiples of 16'):

@@ -18,12 +18,13 @@ from the network's parameters:
   matrix product for its 9 taps x outputs, whose maps are shifted and summed.
 
 Under ``torch.autocast('cpu', dtype=torch.bfloat16)``, on a CPU with AVX512_BF16, the engine computes the network
-with bfloat16 operands in every matrix product (the MSGM kernels' four products, ESAM's qkv projection, MoE-FS's
-1x1 convolutions, the tail's stages and tap product), from weights rounded on each call and activations rounded
-tile by tile, with float32 accumulators. Everything else stays float32: LayerNorm statistics, GELU, the softmaxes,
-the depthwise convolutions, the attention, every map carried between steps and every residual sum, the head and
-the final image; input and output are float32. A GELU whose output only bfloat16 products read (MSGM's gate, the
-tail's stages) is interpolated from a table, within 2e-5 of the exact one: a hundredth of the rounding it meets.
+with bfloat16 operands in every matrix product (the MSGM kernels' four products, ESAM's qkv projection and its
+attention's scores and weighted sums, MoE-FS's 1x1 convolutions, the tail's stages and tap product), from weights
+rounded on each call and activations rounded tile by tile, with float32 accumulators. Everything else stays
+float32: LayerNorm statistics, GELU, the softmaxes, the depthwise convolutions, every map carried between steps
+and every residual sum, the head and the final image; input and output are float32. A GELU whose output only
+bfloat16 products read (MSGM's gate, the tail's stages) is interpolated from a table, within 2e-5 of the exact
+one: a hundredth of the rounding it meets.
 """
 from __future__ import annotations
 
@@ -508,15 +509,15 @@ def _key_embedding(esam: ESAM) -> torch.Tensor:
 def _attend(esam: ESAM, x: torch.Tensor, shift: torch.Tensor, bf16: bool) -> torch.Tensor:
     """ESAM of ``x + shift`` before upsampling: (B, H / downsample, W / downsample, C).
 
-    ``shift`` (C,) commutes with max-pooling and is folded into the qkv projection; ``bf16``: that projection
-    takes bfloat16 operands.
+    ``shift`` (C,) commutes with max-pooling and is folded into the qkv projection; ``bf16``: that projection and
+    the attention's two products take bfloat16 operands.
     """
     down = _downsample(esam)
     if down > 1:
         x = F.max_pool2d(x.permute(0, 3, 1, 2), 2, down).permute(0, 2, 3, 1)
     qkv_weight = _matrix(esam.qkv_conv)
     qkv = _linear(x, qkv_weight, qkv_weight @ shift, bf16)
-    out = kernels.halo_attention(qkv, _key_embedding(esam), esam.num_heads, esam.block_size, esam.halo)
+    out = kernels.halo_attention(qkv, _key_embedding(esam), esam.num_heads, esam.block_size, esam.halo, bf16)
     if down > 1:
         depthwise = esam.LocalProp[0]
         out = kernels.depthwise_reflect(out, depthwise.weight, depthwise.bias, 0, out.shape[1])

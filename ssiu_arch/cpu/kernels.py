@@ -99,11 +99,15 @@ def upsample_combine(low: torch.Tensor, v: torch.Tensor, b: torch.Tensor, r0: in
     return torch.ops.ssiu.upsample_combine(low, v, b, r0, height)
 
 
-def halo_attention(qkv: torch.Tensor, embedding: torch.Tensor, heads: int, block: int, halo: int) -> torch.Tensor:
+def halo_attention(qkv: torch.Tensor, embedding: torch.Tensor, heads: int, block: int, halo: int,
+                   bf16: bool = False) -> torch.Tensor:
     """ESAM's attention on its channels-last qkv map (B, h, w, 3 C): each ``block``² block of queries attends to
     the keys (plus ``embedding``, (window, window, C / heads)) and values of the block grown by ``halo`` pixels,
-    zero outside the map. Returns (B, h, w, C)."""
-    return torch.ops.ssiu.halo_attention(qkv, embedding, heads, block, halo)
+    zero outside the map. Returns (B, h, w, C). With ``bf16``, where :func:`bf16_available` and the heads are
+    multiples of 16 channels over at most 128 keys, the scores and the weighted sum of the values take bfloat16
+    operands (queries, keys, values and the softmax's exps rounded); accumulators, softmax and output stay
+    float32."""
+    return torch.ops.ssiu.halo_attention(qkv, embedding, heads, block, halo, bf16)
 
 
 def moe_combine(logits: list[torch.Tensor], experts: list[torch.Tensor], residual: torch.Tensor | None,

@@ -78,12 +78,15 @@ def build_net(arch: str, scale: int, **net_opt) -> nn.Module:
         raise BenchError(f'--arch {arch} x{scale}: cannot build it with {net_opt}: {err}') from None
 
 
-def matmul_rate(size: int = MATMUL_SIZE, repeats: int = 3) -> float:
-    """Multiply-adds per second of a dense float32 ``size`` x ``size`` matmul (best of ``repeats``)."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
+def matmul_rate(size: int = MATMUL_SIZE, repeats: int = 3, shape: tuple[int, int, int] | None = None,
+                dtype: torch.dtype = torch.float32) -> float:
+    """Multiply-adds per second of a dense ``size`` x ``size`` matmul, or of an (m, k) x (k, n) ``shape`` one, in
+    ``dtype`` (best of ``repeats``)."""
+    m, k, n = shape or (size, size, size)
+    a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
     torch.mm(a, b)
     best = min(_timed(lambda: torch.mm(a, b)) for _ in range(repeats))
-    return size ** 3 / best
+    return m * k * n / best
 
 
 def _timed(fn) -> float:

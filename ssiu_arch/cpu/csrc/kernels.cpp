@@ -1051,8 +1051,135 @@ void attend_block(const float* qkv, const float* embedding, int64_t h, int64_t w
 }
 
 // ESAM's halo block attention (see attend_block) over a (B, h, w, 3 C) qkv map; h and w multiples of block.
+#if SSIU_HAVE_BF16
+// 16 float32 values rounded to bfloat16 (nearest even) into out.
+SSIU_BF16_TARGET inline void store_bf16(uint16_t* out, __m512 v) {
+  const __m256bh half = _mm512_cvtneps_pbh(v);
+  std::memcpy(out, &half, sizeof half);
+}
+
+// group_scores with bfloat16 operands: keys_p holds (dim / 2, padded, 2) pairs of key channels, qb the group's
+// queries rounded to bfloat16 (dim each, dim even); float32 accumulators and scores.
+template <int64_t NV>
+SSIU_BF16_TARGET void group_scores_bf16(const uint16_t* qb, const uint16_t* keys_p, int64_t padded, int64_t dim,
+                                        float scale, float* scores) {
+  __m512 acc[kGroup][NV];
+  for (int64_t g = 0; g < kGroup; ++g) {
+    for (int64_t jv = 0; jv < NV; ++jv) acc[g][jv] = _mm512_setzero_ps();
+  }
+  for (int64_t d = 0; d < dim; d += 2) {
+    __m512bh keys[NV];
+    for (int64_t jv = 0; jv < NV; ++jv) keys[jv] = (__m512bh)_mm512_loadu_si512(keys_p + d * padded + jv * 32);
+    for (int64_t g = 0; g < kGroup; ++g) {
+      int32_t pair;
+      std::memcpy(&pair, qb + g * dim + d, sizeof pair);
+      const __m512bh qv = (__m512bh)_mm512_set1_epi32(pair);
+      for (int64_t jv = 0; jv < NV; ++jv) acc[g][jv] = _mm512_dpbf16_ps(acc[g][jv], qv, keys[jv]);
+    }
+  }
+  for (int64_t g = 0; g < kGroup; ++g) {
+    for (int64_t jv = 0; jv < NV; ++jv) {
+      _mm512_storeu_ps(scores + g * padded + jv * 16, _mm512_mul_ps(acc[g][jv], _mm512_set1_ps(scale)));
+    }
+  }
+}
+
+using ScoreKernelBf16 = void (*)(const uint16_t*, const uint16_t*, int64_t, int64_t, float, float*);
+
+ScoreKernelBf16 score_kernel_bf16(int64_t vectors) {
+  switch (vectors) {
+    case 1: return group_scores_bf16<1>;
+    case 2: return group_scores_bf16<2>;
+    case 3: return group_scores_bf16<3>;
+    case 4: return group_scores_bf16<4>;
+    case 5: return group_scores_bf16<5>;
+    case 6: return group_scores_bf16<6>;
+    case 7: return group_scores_bf16<7>;
+    case 8: return group_scores_bf16<8>;
+    default: return nullptr;
+  }
+}
+
+// attend_block with bfloat16 operands in its two products (scores, and the exps times the values), float32
+// accumulators, softmax and output; for dim a multiple of 16 and at most 128 keys (attention_bf16_fits).
+// Scratch: keys_p (dim / 2, padded, 2) and values_p (padded / 2, dim, 2) bfloat16 pairs, scores (kGroup, padded),
+// probs (kGroup, padded) bfloat16, qb (kGroup, dim) bfloat16.
+SSIU_BF16_TARGET void attend_block_bf16(const float* qkv, const float* embedding, int64_t h, int64_t w, int64_t c,
+                                        int64_t heads, int64_t block, int64_t halo, int64_t by, int64_t bx,
+                                        uint16_t* keys_p, uint16_t* values_p, float* scores, uint16_t* probs,
+                                        uint16_t* qb, float* out) {
+  const int64_t dim = c / heads, window = block + 2 * halo, n_keys = window * window;
+  const int64_t padded = (n_keys + 15) / 16 * 16, queries = block * block;
+  const float scale = 1.f / std::sqrt(static_cast<float>(dim));
+  const ScoreKernelBf16 score = score_kernel_bf16(padded / 16);
+  float tail[16] = {};
+  for (int64_t lane = n_keys - (padded - 16); lane < 16; ++lane) tail[lane] = -3.0e38f;
+  std::fill(values_p + n_keys / 2 * 2 * dim, values_p + padded * dim, uint16_t{0});
+  for (int64_t head = 0; head < heads; ++head) {
+    for (int64_t u = 0; u < window; ++u) {
+      const int64_t y = by * block - halo + u;
+      for (int64_t t = 0; t < window; ++t) {
+        const int64_t x = bx * block - halo + t, j = u * window + t;
+        const bool inside = y >= 0 && y < h && x >= 0 && x < w;
+        const float* key = qkv + (y * w + x) * 3 * c + c + head * dim;
+        const float* emb = embedding + j * dim;
+        alignas(64) uint16_t k16[16], v16[16];
+        for (int64_t d = 0; d < dim; d += 16) {
+          const __m512 kv = inside ? _mm512_loadu_ps(key + d) : _mm512_setzero_ps();
+          store_bf16(k16, _mm512_add_ps(kv, _mm512_loadu_ps(emb + d)));
+          store_bf16(v16, inside ? _mm512_loadu_ps(key + c + d) : _mm512_setzero_ps());
+          for (int64_t e = 0; e < 16; ++e) {
+            keys_p[((d + e) / 2 * padded + j) * 2 + e % 2] = k16[e];
+            values_p[(j / 2 * dim + d + e) * 2 + j % 2] = v16[e];
+          }
+        }
+      }
+    }
+    for (int64_t d = 0; d < dim; d += 2) {
+      std::fill(keys_p + (d / 2 * padded + n_keys) * 2, keys_p + (d / 2 + 1) * padded * 2, uint16_t{0});
+    }
+    for (int64_t i0 = 0; i0 < queries; i0 += kGroup) {
+      float* o[kGroup];
+      float inv[kGroup];
+      for (int64_t g = 0; g < kGroup; ++g) {
+        const int64_t i = std::min(i0 + g, queries - 1);  // a short last group repeats its last query
+        const int64_t pixel = (by * block + i / block) * w + bx * block + i % block;
+        const float* q = qkv + pixel * 3 * c + head * dim;
+        for (int64_t d = 0; d < dim; d += 16) store_bf16(qb + g * dim + d, _mm512_loadu_ps(q + d));
+        o[g] = out + pixel * c + head * dim;
+      }
+      score(qb, keys_p, padded, dim, scale, scores);
+      for (int64_t g = 0; g < kGroup; ++g) {
+        inv[g] = softmax_row(scores + g * padded, padded, tail);
+        for (int64_t j = 0; j < padded; j += 16) {
+          store_bf16(probs + g * padded + j, _mm512_loadu_ps(scores + g * padded + j));
+        }
+      }
+      for (int64_t d0 = 0; d0 < dim; d0 += 16) {
+        __m512 acc[kGroup];
+        for (int64_t g = 0; g < kGroup; ++g) acc[g] = _mm512_setzero_ps();
+        for (int64_t j = 0; j < padded; j += 2) {
+          const __m512bh v = (__m512bh)_mm512_loadu_si512(values_p + (j / 2 * dim + d0) * 2);
+          for (int64_t g = 0; g < kGroup; ++g) {
+            int32_t pair;
+            std::memcpy(&pair, probs + g * padded + j, sizeof pair);
+            acc[g] = _mm512_dpbf16_ps(acc[g], (__m512bh)_mm512_set1_epi32(pair), v);
+          }
+        }
+        for (int64_t g = 0; g < kGroup; ++g) _mm512_storeu_ps(o[g] + d0, _mm512_mul_ps(acc[g], _mm512_set1_ps(inv[g])));
+      }
+    }
+  }
+}
+#endif
+
+// Whether halo_attention's bfloat16 path computes heads of `dim` channels over windows of `n_keys` keys.
+bool attention_bf16_fits(int64_t dim, int64_t n_keys) { return dim % 16 == 0 && n_keys <= 128; }
+
+// bf16: both products take bfloat16 operands where the CPU and the shapes allow (attend_block_bf16); the
+// softmax, the accumulators and the output stay float32.
 at::Tensor halo_attention(const at::Tensor& qkv, const at::Tensor& embedding, int64_t heads, int64_t block,
-                          int64_t halo) {
+                          int64_t halo, bool bf16) {
   TORCH_CHECK(qkv.dim() == 4 && qkv.scalar_type() == at::kFloat && qkv.device().is_cpu() && qkv.size(3) % 3 == 0,
               "halo_attention: qkv must be a float32 (B, h, w, 3 C) CPU map, got ", qkv.sizes());
   const at::Tensor input = qkv.contiguous();
@@ -1069,6 +1196,21 @@ at::Tensor halo_attention(const at::Tensor& qkv, const at::Tensor& embedding, in
   const float* in_data = input.data_ptr<float>();
   const float* emb_data = emb.data_ptr<float>();
   float* out_data = out.data_ptr<float>();
+#if SSIU_HAVE_BF16
+  if (bf16 && bf16_supported() && attention_bf16_fits(dim, window * window)) {
+    at::parallel_for(0, batch * nh * nw, 1, [&](int64_t begin, int64_t end) {
+      std::vector<uint16_t> keys_p(dim * padded), values_p(padded * dim), probs(kGroup * padded), qb(kGroup * dim);
+      std::vector<float> scores(kGroup * padded);
+      for (int64_t index = begin; index < end; ++index) {
+        const int64_t image = index / (nh * nw), by = index % (nh * nw) / nw, bx = index % nw;
+        attend_block_bf16(in_data + image * h * w * 3 * c, emb_data, h, w, c, heads, block, halo, by, bx,
+                          keys_p.data(), values_p.data(), scores.data(), probs.data(), qb.data(),
+                          out_data + image * h * w * c);
+      }
+    });
+    return out;
+  }
+#endif
   at::parallel_for(0, batch * nh * nw, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> keys_t(dim * padded), values(window * window * dim), scores(kGroup * padded);
     for (int64_t index = begin; index < end; ++index) {
@@ -1132,7 +1274,7 @@ TORCH_LIBRARY(ssiu, m) {
   m.def("gelu_product_bf16(Tensor x, Tensor w1, Tensor b1, Tensor w2) -> Tensor");
   m.def("bf16_supported() -> bool", bf16_supported);
   m.def("upsample_combine(Tensor low, Tensor v, Tensor b, int r0, int height) -> Tensor");
-  m.def("halo_attention(Tensor qkv, Tensor embedding, int heads, int block, int halo) -> Tensor");
+  m.def("halo_attention(Tensor qkv, Tensor embedding, int heads, int block, int halo, bool bf16=False) -> Tensor");
   m.def("moe_combine(Tensor[] logits, Tensor[] experts, Tensor? residual, bool with_gates) -> (Tensor, Tensor, Tensor)");
 }
 
