@@ -24,9 +24,11 @@ the largest per-tensor difference is printed too: tensors with tiny gradients sh
 Then they alternate, A/B then B/A, for ``--runs`` steps each; the table gives the median step times and their
 ratio, the peak memory rise of one step (CPU: resident set, after returning freed heap memory to the system;
 CUDA: allocated memory) and the activations autograd saves for the backward pass (eager variants).
+``--malloc retain`` keeps freed memory in the process for both networks, as ``SSIUModel`` does when it trains on
+the CPU (an allocator setting cannot differ between two networks of one process).
 
     python benchmarks/bench_train.py --runs 5 --threads 2 [--variants eager,channels_last,compile,recommended]
-                                     [--device cuda]
+                                     [--device cuda] [--malloc default|retain]
 """
 from __future__ import annotations
 
@@ -46,6 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import ssiu_arch.models  # noqa: F401  (BasicSR compatibility fixes before the losses import basicsr)
+from ssiu_arch.cpu.memory import retain_freed_memory
 from ssiu_arch.tools.bench import load_average, machine_description
 from ssiu_arch.utils.weights import load_ssiu
 
@@ -252,6 +255,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--size', type=int, default=64, help='LR patch side')
     parser.add_argument('--num-feat', type=int, default=64)
     parser.add_argument('--num-block', type=int, default=9)
+    parser.add_argument('--malloc', choices=('default', 'retain'), default='default',
+                        help="CPU: glibc malloc's defaults, or freed memory kept for reuse (what SSIUModel sets on "
+                             'the CPU) for both networks: an allocator setting is process-wide')
     args = parser.parse_args(argv)
     variants = [v.strip() for v in args.variants.split(',') if v.strip()]
     bad = [v for v in variants if v not in VARIANTS]
@@ -263,13 +269,16 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == 'cuda' and not torch.cuda.is_available():
         parser.error('--device cuda: torch sees no CUDA device')
     torch.set_num_threads(args.threads)
+    if device.type == 'cpu' and args.malloc == 'retain' and not retain_freed_memory():
+        parser.error('--malloc retain: this C library cannot be told to keep freed memory')
     if device.type == 'cuda':  # float32 for the comparison: no TF32 convolutions
         torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     torch.manual_seed(0)
 
     config = {'scale': 2, 'n_feats': args.num_feat, 'n_blocks': args.num_block, 'num_heads': 4, 'colors': 3}
     lq, gt = training_batch(args.batch, args.size, config['scale'])
-    where = f'{torch.cuda.get_device_name(device)}, TF32 off' if device.type == 'cuda' else f'{args.threads} threads'
+    where = (f'{torch.cuda.get_device_name(device)}, TF32 off' if device.type == 'cuda'
+             else f'{args.threads} threads, malloc {args.malloc}')
     print(f'machine: {machine_description()}; torch {torch.__version__}; {device.type}: {where}')
     print(f'step: x2, batch {args.batch} of {args.size}x{args.size} LR, AdamW, L1 + 0.01 FFT; SSIU num_feat '
           f'{args.num_feat}, num_block {args.num_block}; {args.runs} timed steps per network and variant')
