@@ -220,6 +220,7 @@ def attention_with_rounded_operands(esam: ESAM, qkv: torch.Tensor) -> torch.Tens
 @NEEDS_BF16
 @pytest.mark.parametrize('channels, heads, block, halo, size', [
     (64, 4, 8, 1, (16, 24)), (64, 2, 4, 2, (8, 12)), (96, 3, 8, 0, (16, 16)), (32, 2, 8, 1, (8, 8)),
+    (64, 4, 5, 1, (10, 15)),  # 49 keys: an odd count leaves the last key without a partner
 ])
 def test_halo_attention_bf16_rounds_only_the_product_operands(channels, heads, block, halo, size):
     esam = ESAM(channels, heads, block, halo, downsample=1).eval()
@@ -252,9 +253,10 @@ def test_linear_bf16_refuses_bad_input():
 
 @NEEDS_BF16
 @pytest.mark.parametrize('channels, expansion, k, size', [(64, 1.0, 3, (20, 24)), (32, 2.0, 5, (9, 7))])
-def test_fused_msgm_bf16_rounds_only_the_product_operands(channels, expansion, k, size):
-    """The bfloat16 MSGM equals the module computed with each product's operands rounded to bfloat16 and
-    everything else in float32, up to the kernel's GELU (within 2e-5, see test_bf16_gelu_is_within_2e_5_of_exact)."""
+def test_fused_msgm_bf16_matches_the_module_with_rounded_operands(channels, expansion, k, size):
+    """The bfloat16 MSGM equals the module computed with each product's operands, and the values the depthwise
+    convolution reads (W_2's output), rounded to bfloat16 and everything else in float32, up to the kernel's GELU
+    (within 2e-5, see test_bf16_gelu_is_within_2e_5_of_exact)."""
     msgm = MSGM(channels, expansion, k).eval()
     x, add = torch.randn(2, *size, channels), torch.randn(2, size[0] - 3, size[1], channels)
     weights, bias = msgm_weights(msgm), msgm.project_out.bias.detach()
@@ -264,7 +266,7 @@ def test_fused_msgm_bf16_rounds_only_the_product_operands(channels, expansion, k
     with torch.no_grad():
         norm.weight.normal_(1, 0.2), norm.bias.normal_(0, 0.2)
         xn = norm(x)
-        value = nchw(bf16(xn) @ bf16(w2).T + b2)
+        value = nchw(bf16(bf16(xn) @ bf16(w2).T + b2))
         dw = nhwc(F.conv2d(F.pad(value, (p,) * 4, mode='reflect'), wd, bd, groups=wd.shape[0]))
         gated = (bf16(dw) @ bf16(w3).T + b3) * F.gelu(bf16(xn) @ bf16(w1).T + b1)
         expected = bf16(gated) @ bf16(wo).T + bias

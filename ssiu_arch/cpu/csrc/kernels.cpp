@@ -167,8 +167,8 @@ SSIU_TARGETS void gelu_inplace(float* x, int64_t n) {
   for (int64_t i = 0; i < n; i += 16) store16(x + i, gelu16(load16(x + i)));
 }
 
-// kGeluMul exists only in the bfloat16 GEMM (see there).
-enum class Epilogue { kBias, kMul, kAdd, kGeluMul };
+// kGeluMul and kBiasRound exist only in the bfloat16 GEMM (see there).
+enum class Epilogue { kBias, kMul, kAdd, kGeluMul, kBiasRound };
 
 // out[i] = epilogue(x[i] @ wt + bias) for m rows: x (m, k) with row stride ldx, wt (k, 16 NV) with row stride ldw.
 // Epilogues: kMul multiplies by e1[i], kAdd adds e1[i] and, if given, e2[i] (rows of stride
@@ -266,9 +266,9 @@ SSIU_TARGETS void layer_norm_rows(const float* x, int64_t pixels, int64_t c, con
 // With `vdpbf16ps` each 32-bit lane multiplies a pair of bfloat16 values by another pair and adds both products
 // to a float32 accumulator: twice the multiply-adds of a float32 FMA per instruction. Operands are bfloat16 (the
 // activations rounded to nearest even once per tile, weights packed once per call as (K / 2, N, 2) pairs);
-// accumulators, biases, epilogues and every stored map stay float32. The code is compiled for that instruction
-// set by a function attribute and runs only where the CPU reports it (bf16_supported), so the library builds and
-// runs everywhere; compilers without the intrinsics leave it out.
+// accumulators, biases and epilogues stay float32, and so does every map a kernel returns. The code is compiled
+// for that instruction set by a function attribute and runs only where the CPU reports it (bf16_supported), so the
+// library builds and runs everywhere; compilers without the intrinsics leave it out.
 #if defined(__x86_64__) && __has_include(<immintrin.h>) && \
     ((defined(__clang__) && __clang_major__ >= 16) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 10))
 #define SSIU_HAVE_BF16 1
@@ -335,14 +335,54 @@ SSIU_BF16_TARGET inline __m512 gelu_fast(__m512 x, const GeluTable& g) {
   return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(-GeluTable::kLow), _CMP_GT_OQ), y, x);
 }
 
+// 16 bfloat16 values widened to float32 (exact), and 16 float32 values rounded to bfloat16 (nearest even).
+SSIU_BF16_TARGET inline __m512 load_bf16(const uint16_t* p) {
+  const __m256i half = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
+}
+
+SSIU_BF16_TARGET inline void store_bf16(uint16_t* p, __m512 v) {
+  const __m256bh half = _mm512_cvtneps_pbh(v);
+  std::memcpy(p, &half, sizeof half);
+}
+
+// depthwise_row for the bfloat16 path: input rows and output in bfloat16, taps, bias and sums in float32 (c a
+// multiple of 16). Its input is a product's output that is rounded once instead of its output alone: half the
+// bytes for the nine reads of every value, which is what this L2-bound convolution spends its time on.
+template <int64_t K>
+SSIU_BF16_TARGET void depthwise_row_bf16(const uint16_t* const* rows, int64_t width, int64_t c, const float* taps,
+                                         const float* bias, uint16_t* out) {
+  constexpr int64_t p = K / 2;
+  for (int64_t ch = 0; ch < c; ch += 16) {
+    __m512 w[K * K];
+    for (int64_t t = 0; t < K * K; ++t) w[t] = _mm512_loadu_ps(taps + t * c + ch);
+    const __m512 b = _mm512_loadu_ps(bias + ch);
+    for (int64_t x = 0; x < width; ++x) {
+      __m512 acc = b;
+      if (x >= p && x + p < width) {
+        for (int64_t ky = 0; ky < K; ++ky) {
+          const uint16_t* src = rows[ky] + (x - p) * c + ch;
+          for (int64_t kx = 0; kx < K; ++kx) acc = _mm512_fmadd_ps(w[ky * K + kx], load_bf16(src + kx * c), acc);
+        }
+      } else {
+        for (int64_t ky = 0; ky < K; ++ky) {
+          for (int64_t kx = 0; kx < K; ++kx) {
+            acc = _mm512_fmadd_ps(w[ky * K + kx], load_bf16(rows[ky] + reflect(x + kx - p, width) * c + ch), acc);
+          }
+        }
+      }
+      store_bf16(out + x * c + ch, acc);
+    }
+  }
+}
+
 // GELU (gelu_fast) of n float32 values (a multiple of 16): into bfloat16 `rounded` if given, else in place.
 SSIU_BF16_TARGET void gelu_fast_rows(float* x, int64_t n, uint16_t* rounded) {
   const GeluTable& g = gelu_table();
   for (int64_t i = 0; i < n; i += 16) {
     const __m512 y = gelu_fast(_mm512_loadu_ps(x + i), g);
     if (rounded) {
-      const __m256bh half = _mm512_cvtneps_pbh(y);
-      std::memcpy(rounded + i, &half, sizeof half);
+      store_bf16(rounded + i, y);
     } else {
       _mm512_storeu_ps(x + i, y);
     }
@@ -351,16 +391,13 @@ SSIU_BF16_TARGET void gelu_fast_rows(float* x, int64_t n, uint16_t* rounded) {
 
 // n float32 values (n a multiple of 16) rounded to bfloat16, nearest even.
 SSIU_BF16_TARGET void to_bf16(const float* x, int64_t n, uint16_t* out) {
-  for (int64_t i = 0; i < n; i += 16) {
-    const __m256bh half = _mm512_cvtneps_pbh(_mm512_loadu_ps(x + i));
-    std::memcpy(out + i, &half, sizeof half);
-  }
+  for (int64_t i = 0; i < n; i += 16) store_bf16(out + i, _mm512_loadu_ps(x + i));
 }
 
 // gemm_rows with bfloat16 operands: x (m, k) bfloat16 with row stride ldx (k even), wp the (k / 2, n, 2) pairs
 // of the weights with n = 16 NV columns from `wp` on and a pair-row stride of ldw values. Epilogue kGeluMul
 // writes (x @ w + bias) * GELU(e1[i]) (gelu_fast) rounded to bfloat16 into outb instead of out: a gated product
-// whose only reader is the next bfloat16 product.
+// whose only reader is the next bfloat16 product; kBiasRound writes x @ w + bias rounded to bfloat16 into outb.
 template <int64_t NV, int64_t P, Epilogue E>
 SSIU_BF16_TARGET void gemm_rows_bf16(int64_t m, int64_t k, const uint16_t* x, int64_t ldx, const uint16_t* wp,
                                      int64_t ldw, const float* bias, const float* e1, const float* e2, int64_t lde,
@@ -391,9 +428,14 @@ SSIU_BF16_TARGET void gemm_rows_bf16(int64_t m, int64_t k, const uint16_t* x, in
         for (int64_t v = 0; v < NV; ++v) {
           const __m512 y = _mm512_mul_ps(_mm512_load_ps(block[r] + 16 * v),
                                          gelu_fast(_mm512_loadu_ps(e1 + (i + r) * lde + 16 * v), g));
-          const __m256bh half = _mm512_cvtneps_pbh(y);
-          std::memcpy(outb + (i + r) * ldo + 16 * v, &half, sizeof half);
+          store_bf16(outb + (i + r) * ldo + 16 * v, y);
         }
+      }
+      continue;
+    }
+    if constexpr (E == Epilogue::kBiasRound) {
+      for (int64_t r = 0; r < P; ++r) {
+        for (int64_t v = 0; v < NV; ++v) store_bf16(outb + (i + r) * ldo + 16 * v, acc[r][v]);
       }
       continue;
     }
@@ -517,6 +559,36 @@ void round_bf16(const float* x, int64_t n, uint16_t* out) {
 #endif
 }
 
+// x @ w + bias rounded to bfloat16 into out (rows n wide), for m rows of k bfloat16 inputs, where the bfloat16
+// path is compiled in.
+void rounded_product_bf16(int64_t m, int64_t k, int64_t n, const uint16_t* x, const Weight& w, const float* bias,
+                          uint16_t* out) {
+#if SSIU_HAVE_BF16
+  gemm_bf16<Epilogue::kBiasRound>(m, k, n, x, k, w.bf16, bias, nullptr, nullptr, 0, nullptr, n, out);
+#else
+  (void)m, (void)k, (void)n, (void)x, (void)w, (void)bias, (void)out;
+  TORCH_CHECK(false, "bfloat16 kernels are not compiled in");
+#endif
+}
+
+using RowKernelBf16 = void (*)(const uint16_t* const*, int64_t, int64_t, const float*, const float*, uint16_t*);
+
+// depthwise_row_bf16 for a k x k kernel; null for other sizes or where the bfloat16 path is not compiled in.
+RowKernelBf16 row_kernel_bf16(int64_t k) {
+#if SSIU_HAVE_BF16
+  switch (k) {
+    case 1: return depthwise_row_bf16<1>;
+    case 3: return depthwise_row_bf16<3>;
+    case 5: return depthwise_row_bf16<5>;
+    case 7: return depthwise_row_bf16<7>;
+    default: return nullptr;
+  }
+#else
+  (void)k;
+  return nullptr;
+#endif
+}
+
 // Fused Mixed-Scale Gating Module at inference on a channels-last (B, N, W, C) map:
 //
 //   out = W_o (GELU(W_1 x + b_1) * (W_3 DW_k(W_2 x + b_2) + b_3)) + b_o [+ add] [+ x]
@@ -547,6 +619,7 @@ at::Tensor msgm(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
   TORCH_CHECK(!normalize || (ln_weight->numel() == c && ln_bias->numel() == c), "msgm: LayerNorm parameters must have ",
               c, " elements");
   const RowKernel depthwise = row_kernel(k);
+  const RowKernelBf16 depthwise_bf16 = bf16 ? row_kernel_bf16(k) : nullptr;
   TORCH_CHECK(depthwise != nullptr, "msgm: kernel size must be 1, 3, 5 or 7, got ", k);
   TORCH_CHECK(p < n && p < width, "msgm: a ", n, "x", width, " map is too small to reflect-pad by ", p);
   TORCH_CHECK(offset >= 0 && rows >= 1 && offset + rows <= n, "msgm: rows ", offset, "..", offset + rows,
@@ -581,18 +654,26 @@ at::Tensor msgm(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
   const float* in = input.data_ptr<float>();
   const float* add_data = add ? addend.data_ptr<float>() : nullptr;
   float* out_data = out.data_ptr<float>();
+  // bfloat16 products read only rounded inputs: without a residual the LayerNorm goes row by row straight to them.
+  const bool rounded_norm_only = normalize && bf16 && !residual;
   at::parallel_for(0, batch * tiles, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> value((tile_rows + 2 * p) * width * mid), gate(tile_rows * width * hidden),
-        dw(tile_rows * width * mid), expanded(mid == hidden || bf16 ? 0 : tile_rows * width * hidden),
-        normed(normalize ? (tile_rows + 2 * p) * width * c : 0);
+    // float32 maps, and the bfloat16 ones that replace them in bfloat16 products: the input rows, the value rows
+    // W_2 x + b_2 (bfloat16 path: the depthwise convolution reads them rounded), DW and the gated product.
+    std::vector<float> value(bf16 ? 0 : (tile_rows + 2 * p) * width * mid), gate(tile_rows * width * hidden),
+        dw(bf16 ? 0 : tile_rows * width * mid), expanded(mid == hidden || bf16 ? 0 : tile_rows * width * hidden),
+        normed(normalize && !rounded_norm_only ? (tile_rows + 2 * p) * width * c : 0),
+        norm_row(rounded_norm_only ? width * c : 0);
     std::vector<uint16_t> x_bf16(bf16 ? (tile_rows + 2 * p) * width * c : 0),
-        dw_bf16(bf16 ? tile_rows * width * mid : 0), expanded_bf16(bf16 ? tile_rows * width * hidden : 0);
+        value_bf16(bf16 ? (tile_rows + 2 * p) * width * mid : 0), dw_bf16(bf16 ? tile_rows * width * mid : 0),
+        expanded_bf16(bf16 ? tile_rows * width * hidden : 0);
     uint16_t* const xb = bf16 ? x_bf16.data() : nullptr;
-    uint16_t* const dwb = bf16 ? dw_bf16.data() : nullptr;
+    uint16_t* const vb = value_bf16.data();
+    uint16_t* const dwb = dw_bf16.data();
     uint16_t* const eb = bf16 ? expanded_bf16.data() : nullptr;
     // W_3 (DW) + b_3 goes over DW where the widths agree: each block of rows is read before it is stored.
     float* const expand_out = mid == hidden ? dw.data() : expanded.data();
     std::array<const float*, kMaxKernel> src{};
+    std::array<const uint16_t*, kMaxKernel> src_bf16{};
     // Input rows whose values `value` holds, and from which row on `normed` and `x_bf16` hold them prepared.
     int64_t held_image = -1, held_lo = 0, held_hi = 0, held_first = 0;
     for (int64_t t = begin; t < end; ++t) {
@@ -605,7 +686,12 @@ at::Tensor msgm(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
       const bool held = held_image == image && held_lo <= lo && lo < held_hi;
       const int64_t start = held ? held_hi : lo;  // first row without a value
       if (held) {
-        std::memmove(value.data(), value.data() + (lo - held_lo) * width * mid, (held_hi - lo) * width * mid * 4);
+        const int64_t from = (lo - held_lo) * width * mid, count = (held_hi - lo) * width * mid;
+        if (bf16) {
+          std::memmove(vb, vb + from, count * sizeof(uint16_t));
+        } else {
+          std::memmove(value.data(), value.data() + from, count * sizeof(float));
+        }
       }
       // The input rows [first, hi) that the products read, normalized into `normed` if asked for and rounded
       // into `x_bf16` for bfloat16 products, all indexed from row lo; the rows the last tile prepared move.
@@ -614,34 +700,51 @@ at::Tensor msgm(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
       if (held && held_first <= first) {
         const int64_t from = (first - held_lo) * width * c, to = (first - lo) * width * c;
         const int64_t count = (held_hi - first) * width * c;
-        if (normalize) std::memmove(normed.data() + to, normed.data() + from, count * sizeof(float));
+        if (!normed.empty()) std::memmove(normed.data() + to, normed.data() + from, count * sizeof(float));
         if (xb) std::memmove(xb + to, xb + from, count * sizeof(uint16_t));
         ready = held_hi;
       }
-      const float* x_lo = normalize ? normed.data() : xi + lo * width * c;
-      if (normalize && ready < hi) {
-        layer_norm_rows(xi + ready * width * c, (hi - ready) * width, c, norm_w.data_ptr<float>(),
-                        norm_b.data_ptr<float>(), eps, normed.data() + (ready - lo) * width * c);
+      // float32 input rows from lo on (unread where the products take bfloat16 and there is no residual)
+      const float* x_lo = normed.empty() ? xi + lo * width * c : normed.data();
+      if (rounded_norm_only) {
+        for (int64_t row = ready; row < hi; ++row) {
+          layer_norm_rows(xi + row * width * c, width, c, norm_w.data_ptr<float>(), norm_b.data_ptr<float>(), eps,
+                          norm_row.data());
+          round_bf16(norm_row.data(), width * c, xb + (row - lo) * width * c);
+        }
+      } else {
+        if (normalize && ready < hi) {
+          layer_norm_rows(xi + ready * width * c, (hi - ready) * width, c, norm_w.data_ptr<float>(),
+                          norm_b.data_ptr<float>(), eps, normed.data() + (ready - lo) * width * c);
+        }
+        if (xb && ready < hi) {
+          round_bf16(x_lo + (ready - lo) * width * c, (hi - ready) * width * c, xb + (ready - lo) * width * c);
+        }
       }
-      if (xb && ready < hi) {
-        round_bf16(x_lo + (ready - lo) * width * c, (hi - ready) * width * c, xb + (ready - lo) * width * c);
-      }
-      if (start < hi) {
-        product<Epilogue::kBias>((hi - start) * width, c, mid, x_lo + (start - lo) * width * c,
-                                 xb ? xb + (start - lo) * width * c : nullptr, c, weight2, bias2.data_ptr<float>(),
-                                 nullptr, nullptr, 0, value.data() + (start - lo) * width * mid, mid);
+      if (start < hi && bf16) {
+        rounded_product_bf16((hi - start) * width, c, mid, xb + (start - lo) * width * c, weight2,
+                             bias2.data_ptr<float>(), vb + (start - lo) * width * mid);
+      } else if (start < hi) {
+        product<Epilogue::kBias>((hi - start) * width, c, mid, x_lo + (start - lo) * width * c, nullptr, c, weight2,
+                                 bias2.data_ptr<float>(), nullptr, nullptr, 0,
+                                 value.data() + (start - lo) * width * mid, mid);
       }
       held_image = image, held_lo = lo, held_hi = hi, held_first = first;
       for (int64_t r = r0; r < r1; ++r) {
-        for (int64_t ky = 0; ky < k; ++ky) src[ky] = value.data() + (reflect(r + ky - p, n) - lo) * width * mid;
-        depthwise(src.data(), width, mid, taps.data_ptr<float>(), bias_d.data_ptr<float>(),
-                  dw.data() + (r - r0) * width * mid);
+        if (bf16) {
+          for (int64_t ky = 0; ky < k; ++ky) src_bf16[ky] = vb + (reflect(r + ky - p, n) - lo) * width * mid;
+          depthwise_bf16(src_bf16.data(), width, mid, taps.data_ptr<float>(), bias_d.data_ptr<float>(),
+                         dwb + (r - r0) * width * mid);
+        } else {
+          for (int64_t ky = 0; ky < k; ++ky) src[ky] = value.data() + (reflect(r + ky - p, n) - lo) * width * mid;
+          depthwise(src.data(), width, mid, taps.data_ptr<float>(), bias_d.data_ptr<float>(),
+                    dw.data() + (r - r0) * width * mid);
+        }
       }
       const float* x_rows = x_lo + (r0 - lo) * width * c;
       product<Epilogue::kBias>(m, c, hidden, x_rows, xb ? xb + (r0 - lo) * width * c : nullptr, c, weight1,
                                bias1.data_ptr<float>(), nullptr, nullptr, 0, gate.data(), hidden);
-      if (dwb) {  // the gated product straight to bfloat16, GELU in its epilogue
-        round_bf16(dw.data(), m * mid, dwb);
+      if (bf16) {  // the gated product straight to bfloat16, GELU in its epilogue
         gated_product_bf16(m, mid, hidden, dwb, weight3, bias3.data_ptr<float>(), gate.data(), eb);
       } else {
         gelu_inplace(gate.data(), m * hidden);
@@ -1052,11 +1155,6 @@ void attend_block(const float* qkv, const float* embedding, int64_t h, int64_t w
 
 // ESAM's halo block attention (see attend_block) over a (B, h, w, 3 C) qkv map; h and w multiples of block.
 #if SSIU_HAVE_BF16
-// 16 float32 values rounded to bfloat16 (nearest even) into out.
-SSIU_BF16_TARGET inline void store_bf16(uint16_t* out, __m512 v) {
-  const __m256bh half = _mm512_cvtneps_pbh(v);
-  std::memcpy(out, &half, sizeof half);
-}
 
 // group_scores with bfloat16 operands: keys_p holds (dim / 2, padded, 2) pairs of key channels, qb the group's
 // queries rounded to bfloat16 (dim each, dim even); float32 accumulators and scores.
@@ -1114,25 +1212,38 @@ SSIU_BF16_TARGET void attend_block_bf16(const float* qkv, const float* embedding
   const ScoreKernelBf16 score = score_kernel_bf16(padded / 16);
   float tail[16] = {};
   for (int64_t lane = n_keys - (padded - 16); lane < 16; ++lane) tail[lane] = -3.0e38f;
-  std::fill(values_p + n_keys / 2 * 2 * dim, values_p + padded * dim, uint16_t{0});
+  std::fill(values_p + (n_keys + 1) / 2 * 2 * dim, values_p + padded * dim, uint16_t{0});
+  // Lane order of a key pair's values: channel e of the first key, then of the second, for e = 0..15.
+  alignas(64) int16_t order[32];
+  for (int16_t e = 0; e < 16; ++e) order[2 * e] = e, order[2 * e + 1] = static_cast<int16_t>(16 + e);
+  const __m512i pair_order = _mm512_load_si512(order);
   for (int64_t head = 0; head < heads; ++head) {
-    for (int64_t u = 0; u < window; ++u) {
-      const int64_t y = by * block - halo + u;
-      for (int64_t t = 0; t < window; ++t) {
-        const int64_t x = bx * block - halo + t, j = u * window + t;
-        const bool inside = y >= 0 && y < h && x >= 0 && x < w;
-        const float* key = qkv + (y * w + x) * 3 * c + c + head * dim;
-        const float* emb = embedding + j * dim;
-        alignas(64) uint16_t k16[16], v16[16];
-        for (int64_t d = 0; d < dim; d += 16) {
-          const __m512 kv = inside ? _mm512_loadu_ps(key + d) : _mm512_setzero_ps();
-          store_bf16(k16, _mm512_add_ps(kv, _mm512_loadu_ps(emb + d)));
-          store_bf16(v16, inside ? _mm512_loadu_ps(key + c + d) : _mm512_setzero_ps());
-          for (int64_t e = 0; e < 16; ++e) {
-            keys_p[((d + e) / 2 * padded + j) * 2 + e % 2] = k16[e];
-            values_p[(j / 2 * dim + d + e) * 2 + j % 2] = v16[e];
+    // The window's pixels in raster order, two at a time: keys go to their pairs of channels one by one, the
+    // values of both pixels interleave into one row of pairs.
+    for (int64_t j0 = 0; j0 < n_keys; j0 += 2) {
+      const float* pixel[2] = {nullptr, nullptr};
+      for (int64_t side = 0; side < 2 && j0 + side < n_keys; ++side) {
+        const int64_t j = j0 + side, y = by * block - halo + j / window, x = bx * block - halo + j % window;
+        if (y >= 0 && y < h && x >= 0 && x < w) pixel[side] = qkv + (y * w + x) * 3 * c + c + head * dim;
+      }
+      for (int64_t d = 0; d < dim; d += 16) {
+        __m256i halves[2];
+        for (int64_t side = 0; side < 2; ++side) {
+          const int64_t j = j0 + side;
+          if (j >= n_keys) {
+            halves[side] = _mm256_setzero_si256();
+            continue;
           }
+          const __m512 key = pixel[side] ? _mm512_loadu_ps(pixel[side] + d) : _mm512_setzero_ps();
+          alignas(64) uint16_t k16[16];
+          store_bf16(k16, _mm512_add_ps(key, _mm512_loadu_ps(embedding + j * dim + d)));
+          for (int64_t e = 0; e < 16; ++e) keys_p[((d + e) / 2 * padded + j) * 2 + e % 2] = k16[e];
+          const __m256bh value = _mm512_cvtneps_pbh(pixel[side] ? _mm512_loadu_ps(pixel[side] + c + d)
+                                                                : _mm512_setzero_ps());
+          std::memcpy(&halves[side], &value, sizeof value);
         }
+        const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(halves[0]), halves[1], 1);
+        _mm512_storeu_si512(values_p + (j0 / 2 * dim + d) * 2, _mm512_permutexvar_epi16(pair_order, both));
       }
     }
     for (int64_t d = 0; d < dim; d += 2) {
