@@ -212,10 +212,16 @@ def _switched_off(net, x):
     return x
 
 
-REFUSED = {
-    'input requires grad': _grad_input,
-    'a parameter requires grad': _grad_parameter,
-    'frozen trunk, trainable ESAM': _trainable_esam,
+def _backward_hook(net, x):
+    net.body[0].s1.register_full_backward_hook(lambda m, grad_in, grad_out: None)
+    return x
+
+
+REFUSED = {  # tiny() has ESAM heads of 8 channels, which the training path's attention kernel does not cover
+    'input requires grad, heads of 8': _grad_input,
+    'a parameter requires grad, heads of 8': _grad_parameter,
+    'frozen trunk, trainable ESAM, heads of 8': _trainable_esam,
+    'backward hook on a submodule': _backward_hook,
     'float64': lambda net, x: (net.double(), x.double())[1],
     'bfloat16 input': lambda net, x: x.bfloat16(),
     'kernels not loaded': _no_kernels,
@@ -248,19 +254,69 @@ def test_engine_stands_aside(case, monkeypatch):
     net.use_engine = use_engine
 
 
-def test_engine_stands_aside_for_autograd_and_gradients_flow():
-    net = tiny()
-    x = torch.rand(1, 3, 16, 16)
-    assert not ENGINE.accepts(net, x)  # parameters require grad, autograd is on
-    net(x).mean().backward()
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.parameters())
-    # Only ESAM's weights trainable: the maps reaching them need no gradient, the weights still get theirs.
-    net = tiny().requires_grad_(False)
-    trained = list(net.body[0].s3.parameters())
-    for p in trained:
-        p.requires_grad_(True)
-    net(x).mean().backward()
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in trained)
+def _graph_nodes(t: torch.Tensor) -> set[str]:
+    """Names of the autograd nodes ``t`` was computed by."""
+    seen, todo, names = set(), [t.grad_fn], set()
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        todo.extend(next_node for next_node, _ in node.next_functions)
+    return names
+
+
+def _loss(out, aux):
+    """A loss that reaches every output: the image, the step outputs and the gates."""
+    return out.square().mean() + sum(s.abs().mean() for s in aux['step_outputs']) + aux['gates'].var()
+
+
+TRAINABLE = {
+    'all parameters': lambda net, x: x,
+    'input and parameters': lambda net, x: x.requires_grad_(),
+    'only ESAM': lambda net, x: (net.requires_grad_(False), [p.requires_grad_() for p in net.body[0].s3.parameters()],
+                                 x)[-1],
+}
+
+
+@pytest.mark.parametrize('kw', [dict(num_feat=32, num_heads=2),
+                                dict(num_feat=32, num_heads=2, upscale=4, block_size=4, halo=2, pad_multiple=8),
+                                dict(num_feat=64, num_block=3, upscale=3)])
+@pytest.mark.parametrize('trainable', TRAINABLE)
+def test_training_path_gives_the_reference_outputs_and_gradients(kw, trainable):
+    torch.manual_seed(0)
+    net = tiny(**kw).train()
+    x = TRAINABLE[trainable](net, torch.rand(2, 3, 19, 26))
+    assert ENGINE.accepts(net, x)
+    out, aux = net(x, return_aux=True)
+    nodes = _graph_nodes(out)
+    assert {'HaloAttentionBackward', 'GeluGateBackward'} <= nodes  # the kernels ran
+    leaves = [t for t in [x, *net.parameters()] if t.requires_grad]
+    got = torch.autograd.grad(_loss(out, aux), leaves)
+    net.use_engine = False
+    ref_out, ref_aux = net(x, return_aux=True)
+    assert not {'HaloAttentionBackward', 'GeluGateBackward'} & _graph_nodes(ref_out)
+    expected = torch.autograd.grad(_loss(ref_out, ref_aux), leaves)
+    assert (out - ref_out).abs().max() <= 1e-5
+    for a, b in zip(aux['step_outputs'], ref_aux['step_outputs']):
+        assert (a - b).abs().max() <= 1e-5
+    assert (aux['gates'] - ref_aux['gates']).abs().max() <= 1e-6
+    flat_got, flat_ref = torch.cat([g.flatten() for g in got]), torch.cat([g.flatten() for g in expected])
+    assert (flat_got - flat_ref).norm() <= 1e-5 * flat_ref.norm()
+    assert all(g.abs().sum() > 0 for g in got)
+
+
+def test_training_path_stands_aside_where_its_kernels_do_not_apply():
+    net, x = tiny(num_feat=32, num_heads=2), torch.rand(1, 3, 16, 16)
+    assert ENGINE.accepts(net, x)  # gradients needed, heads of 16 channels
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        assert not ENGINE.accepts(net, x)  # autocast training: the reference forward, as autocast has it
+    assert not ENGINE.accepts(tiny(num_feat=32, num_heads=4), x)  # heads of 8 channels
+    assert not ENGINE.accepts(tiny(num_feat=32, num_heads=1, block_size=10, pad_multiple=20), x)  # 144 keys
+    out = net(x)
+    net.use_engine = False
+    assert torch.allclose(out, net(x), atol=1e-5)
 
 
 def test_engine_stands_aside_for_a_global_hook():

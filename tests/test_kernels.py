@@ -83,6 +83,66 @@ def test_halo_attention_refuses_bad_input():
         kernels.halo_attention(torch.randn(1, 8, 8, 48), torch.randn(9, 9, 4), 4, 8, 1)
 
 
+@pytest.mark.parametrize('channels, heads, block, halo, size', [
+    (64, 4, 8, 1, (16, 24)), (32, 2, 4, 2, (8, 12)), (32, 1, 8, 1, (8, 16)), (96, 3, 8, 0, (16, 16)),
+])
+def test_halo_attention_backward_is_the_gradient_of_the_attention_module(channels, heads, block, halo, size):
+    torch.manual_seed(0)
+    esam = ESAM(channels, heads, block, halo, downsample=1)  # no pooling: the attention alone
+    x = torch.randn(2, channels, *size) * 2
+    qkv = nhwc(esam.qkv_conv(x)).detach().contiguous().requires_grad_()
+    window = block + 2 * halo
+    embedding = esam.key_embedding()  # (window², head_dim), a function of rel_h and rel_w
+    out = nhwc(esam.LocalProp(esam_attention_of(esam, qkv, embedding)))
+    grad = torch.randn_like(out)
+    expected = torch.autograd.grad(out, (qkv, esam.rel_h, esam.rel_w), grad)
+    dqkv, dembedding = torch.ops.ssiu.halo_attention_backward(grad, qkv.detach(), embedding.detach().view(
+        window, window, -1), heads, block, halo)
+    got = (dqkv, *torch.autograd.grad(embedding, (esam.rel_h, esam.rel_w), dembedding.view(window * window, -1)))
+    for g, e in zip(got, expected):
+        assert (g - e).norm() <= 2e-6 * e.norm()
+
+
+def esam_attention_of(esam: ESAM, qkv: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
+    """The attention module's product and softmax on a channels-last qkv map, in standard operators (NCHW out)."""
+    c, heads, block, window = qkv.shape[-1] // 3, esam.num_heads, esam.block_size, esam.block_size + 2 * esam.halo
+    q, k, v = nchw(qkv).split(c, dim=1)
+    b, _, h, w = q.shape
+    q = q.reshape(b, heads, c // heads, h // block, block, w // block, block).permute(0, 3, 5, 1, 4, 6, 2)
+    q = q.reshape(-1, heads, block * block, c // heads) * esam.scale
+    k, v = (esam.windows(t).reshape(b, heads, c // heads, h // block, window, w // block, window)
+            .permute(0, 3, 5, 1, 4, 6, 2).reshape(-1, heads, window * window, c // heads) for t in (k, v))
+    out = ((q @ (k + embedding).transpose(-2, -1)).softmax(-1) @ v)
+    out = out.reshape(b, h // block, w // block, heads, block, block, c // heads).permute(0, 3, 6, 1, 4, 2, 5)
+    return out.reshape(b, c, h, w)
+
+
+def test_halo_attention_backward_refuses_what_it_was_not_written_for():
+    qkv, grad = torch.randn(1, 8, 8, 96), torch.randn(1, 8, 8, 32)
+    with pytest.raises(RuntimeError, match='heads of 16, 32'):
+        torch.ops.ssiu.halo_attention_backward(grad, qkv, torch.randn(10, 10, 8), 4, 8, 1)
+    with pytest.raises(RuntimeError, match='at most 128 keys'):
+        torch.ops.ssiu.halo_attention_backward(grad, qkv, torch.randn(12, 12, 16), 2, 8, 2)
+    with pytest.raises(RuntimeError, match='grad must be'):
+        torch.ops.ssiu.halo_attention_backward(grad[..., :16], qkv, torch.randn(10, 10, 16), 2, 8, 1)
+
+
+def test_gelu_gate_and_its_backward_match_autograd():
+    h = (torch.randn(2, 7, 5, 32) * 4).requires_grad_()  # GELU's whole range, tails included
+    u = torch.randn(2, 7, 5, 32).requires_grad_()
+    ref = F.gelu(h) * u
+    grad = torch.randn_like(ref)
+    dh, du = torch.autograd.grad(ref, (h, u), grad)
+    assert (torch.ops.ssiu.gelu_gate(h.detach(), u.detach()) - ref).abs().max() <= 2e-6
+    got_dh, got_du = torch.ops.ssiu.gelu_gate_backward(grad, h.detach(), u.detach())
+    assert (got_dh - dh).abs().max() <= 2e-6 * dh.abs().max()
+    assert (got_du - du).abs().max() <= 2e-6 * du.abs().max()
+    with pytest.raises(RuntimeError, match='of one shape'):
+        torch.ops.ssiu.gelu_gate(h.detach(), u.detach()[:1])
+    with pytest.raises(RuntimeError, match='contiguous'):
+        torch.ops.ssiu.gelu_gate(h.detach().transpose(1, 2), u.detach().transpose(1, 2))
+
+
 @pytest.mark.parametrize('channels, residual', [(64, True), (20, False)])
 def test_moe_combine_matches_softmax_gating(channels, residual):
     logits = [torch.randn(2, 5, 7, channels) * 4 for _ in range(3)]

@@ -1,1 +1,2 @@
-"""The CPU inference engine: compiled kernels (``csrc/``), row bands and malloc awareness."""
+"""The CPU engine: compiled kernels (``csrc/``), row bands and malloc awareness for inference, and a training path
+with backward kernels (``training.py``)."""

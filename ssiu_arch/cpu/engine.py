@@ -1,8 +1,10 @@
-"""CPU inference engine for SSIU: the reference network's function, computed fast from an instance's parameters.
+"""CPU engine for SSIU: the reference network's function, computed fast from an instance's parameters.
 
-:class:`ssiu_arch.archs.ssiu_arch.SSIU` is the plain reference network. At float32 CPU inference it hands its
-forward pass to :data:`ENGINE` when :meth:`Engine.accepts` says so, and the engine computes the same function
-from the network's parameters:
+:class:`ssiu_arch.archs.ssiu_arch.SSIU` is the plain reference network. On the CPU in float32 it hands its
+forward pass to :data:`ENGINE` when :meth:`Engine.accepts` says so. Where autograd needs gradients the engine
+runs :func:`ssiu_arch.cpu.training.forward`: the network's modules, with ESAM's attention and MSGM's gate as
+kernels with their own backward formulas. At inference it computes the same function from the network's
+parameters:
 
 - every feature map is channels-last ``(B, H, W, C)``: the network is mostly 1x1 convolutions of 64 channels,
   whose cost on CPU is memory traffic;
@@ -48,7 +50,7 @@ from ssiu_arch.archs.ssiu_arch import (
     SSRMStep,
     pad_to_multiple,
 )
-from ssiu_arch.cpu import kernels
+from ssiu_arch.cpu import kernels, training
 from ssiu_arch.cpu.memory import freed_memory_retained
 
 __all__ = ['ENGINE', 'Engine']
@@ -75,7 +77,7 @@ KERNEL_SIZES = (1, 3, 5, 7)
 # SHA-256 of the network file the engine was written for and checked against (LF line endings). Any change to
 # that file makes the engine stand aside until its tests pass again against the changed network and this
 # digest is updated: a modified network never runs the old fused math.
-NETWORK_DIGEST = 'b0017e9df32bfe16906170940350195f05c0f7a6c8c4b37f57a6a0833e02a26a'
+NETWORK_DIGEST = 'c83170ddfb8aae3d061fa44c92d5dd9b5bfad34a63aca8b85d9a36825c429ee4'
 # Exactly the module classes the engine knows; a subclass of any of them is a network it was not written for.
 _PARTS = (SSIU, SSRMStep, ChannelLayerNorm, MSGM, ESAM, MoEFeatureSelector, nn.LayerNorm, nn.Conv2d,
           nn.Sequential, nn.ModuleList, nn.PixelShuffle, nn.GELU, nn.Upsample, nn.MaxPool2d, nn.Identity)
@@ -94,7 +96,7 @@ _NETWORK_KNOWN = network_digest() == NETWORK_DIGEST
 
 
 class Engine:
-    """The CPU inference engine. Its settings are attributes, which tests and benchmarks may change:
+    """The CPU engine. Its settings (of the inference path) are attributes, which tests and benchmarks may change:
 
     - ``band_bytes``: bytes of feature map per row band of the unfolding steps (0: always whole maps);
     - ``whole_map_bytes``: maps up to this size (four times it where freed memory stays with the process)
@@ -114,27 +116,28 @@ class Engine:
 
         True only when all of these hold:
 
-        - ``x`` and every parameter are float32 CPU tensors, and no gradient is needed (autograd is off, or neither
-          ``x`` nor any parameter requires one);
-        - CPU autocast is off, or it is bfloat16 autocast and the kernels' bfloat16 products can run
+        - ``x`` and every parameter are float32 CPU tensors;
+        - where a gradient is needed (autograd is on and ``x`` or a parameter requires one), CPU autocast is off and
+          the training path's kernels cover the ESAM heads (:func:`ssiu_arch.cpu.training.supported`); the engine
+          then runs :func:`ssiu_arch.cpu.training.forward`, the modules with ESAM's attention and MSGM's gate as
+          kernels with their own backward formulas;
+        - otherwise, CPU autocast is off, or it is bfloat16 autocast and the kernels' bfloat16 products can run
           (:func:`ssiu_arch.cpu.kernels.bf16_available`: a CPU with AVX512_BF16); the engine then computes in
           bfloat16 where that pays (see the module docstring);
         - nothing is tracing, scripting, compiling or exporting (``torch.jit``, ``torch.compile``,
           ``torch.export``, ONNX), and no ``TorchDispatchMode`` (such as ``FlopCounterMode``) is active;
         - the compiled kernels are loaded and oneDNN is enabled, ``SSIU_NO_KERNELS`` is unset (or 0) and
           ``net.use_engine`` is true;
-        - no forward hook or forward pre-hook is registered on the network, on any submodule, or globally;
+        - no forward or backward hook (or pre-hook) is registered on the network, on any submodule, or globally;
         - the network is one the engine was written for: the network file is the one it was checked against
           (``NETWORK_DIGEST``), ``net`` and each of its parts are exactly the classes it knows (no subclass, no
           other module swapped in), and the hyper-parameters are ones its kernels support (widths multiples
           of 16, depthwise kernels of 1, 3, 5 or 7, a 3x3 final convolution, ...).
 
-        Otherwise the reference forward runs, which training, GPUs, tracing and every outside tool see (under
-        autocast, as autocast has it).
+        Otherwise the reference forward runs, which GPUs, tracing, ``torch.compile`` and every outside tool see
+        (under autocast, as autocast has it).
         """
-        grad = torch.is_grad_enabled()
-        if not (x.device.type == 'cpu' and x.dtype == torch.float32 and x.dim() == 4
-                and not (grad and x.requires_grad)):
+        if not (x.device.type == 'cpu' and x.dtype == torch.float32 and x.dim() == 4):
             return False
         if (torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling()
                 or torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export() or _len_torch_dispatch_stack()):
@@ -145,16 +148,20 @@ class Engine:
         if (os.environ.get('SSIU_NO_KERNELS', '') not in ('', '0') or not net.use_engine or _ONEDNN_CONV is None
                 or not torch.backends.mkldnn.is_available() or not torch.backends.mkldnn.enabled):
             return False
-        if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
+        if (nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks
+                or nn_module._global_backward_hooks or nn_module._global_backward_pre_hooks):
             return False
         modules = [net]
         for m in modules:  # every module, appended as they are reached
-            if type(m) not in _PARTS or m._forward_hooks or m._forward_pre_hooks:
+            if (type(m) not in _PARTS or m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+                    or m._backward_pre_hooks):
                 return False
             for p in m._parameters.values():
-                if p is not None and (p.dtype != torch.float32 or not p.is_cpu or (grad and p.requires_grad)):
+                if p is not None and (p.dtype != torch.float32 or not p.is_cpu):
                     return False
             modules.extend(m._modules.values())
+        if _needs_grad(net, x) and (bf16 or not training.supported(net)):
+            return False
         # last: it may build the kernels
         return _NETWORK_KNOWN and _supported(net) and kernels.available() and (not bf16 or kernels.bf16_available())
 
@@ -176,6 +183,8 @@ class Engine:
         Under bfloat16 CPU autocast the matrix products take bfloat16 operands (see the module docstring); the
         engine's own float32 arithmetic runs with autocast off.
         """
+        if _needs_grad(net, x):
+            return training.forward(net, x, return_aux)
         bf16 = torch.is_autocast_enabled('cpu')
         with torch.autocast('cpu', enabled=False):
             return self._run(net, x, return_aux, bf16)
@@ -295,6 +304,11 @@ class Engine:
 
 
 ENGINE = Engine()
+
+
+def _needs_grad(net: nn.Module, x: torch.Tensor) -> bool:
+    """Whether autograd is on and the input or a parameter of ``net`` requires a gradient."""
+    return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in net.parameters()))
 
 
 def _is_conv(m: nn.Module, c_in: int, c_out: int, k: int = 1, groups: int = 1, bias: bool = True) -> bool:

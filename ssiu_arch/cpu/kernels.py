@@ -1,12 +1,13 @@
-"""Compiled CPU inference kernels (``ssiu_arch/cpu/csrc/kernels.cpp``), registered as ``torch.ops.ssiu.*``.
+"""Compiled CPU kernels (``ssiu_arch/cpu/csrc/kernels.cpp``), registered as ``torch.ops.ssiu.*``.
 
 They are built on first use into a per-user cache (:mod:`ssiu_arch.cpu.build`) when a C++ compiler is available;
 ``SSIU_NO_KERNELS=1`` turns them off and ``SSIU_KERNELS_REBUILD=1`` builds them afresh. Their bfloat16 products
 (AVX512_BF16 ``vdpbf16ps``) run where the CPU has that instruction set (:func:`bf16_available`); ``SSIU_NO_BF16=1``
-turns them off. Only the CPU inference
-engine (:mod:`ssiu_arch.cpu.engine`) uses them; without them the network runs its own modules, about 2x slower,
-and says so once, as it does for training, tracing and ONNX export, since the kernels have no autograd formula
-and no ONNX mapping.
+turns them off. Only the CPU engine
+(:mod:`ssiu_arch.cpu.engine`) uses them; without them the network runs its own modules, about 2x slower for
+inference, and says so once, as it does for tracing and ONNX export, since the kernels have no ONNX mapping.
+Two of them have backward kernels, which the engine's training path (:mod:`ssiu_arch.cpu.training`) wraps in
+autograd functions: ESAM's halo attention and MSGM's GELU gate.
 """
 from __future__ import annotations
 

@@ -1,8 +1,9 @@
-// CPU inference kernels of SSIU for channels-last float32 maps, registered as torch.ops.ssiu.*.
+// CPU kernels of SSIU for channels-last float32 maps, registered as torch.ops.ssiu.*.
 //
 // Each replaces a chain of eager PyTorch passes over full-size maps by one pass; on CPU the cost of those
-// maps is memory traffic, not arithmetic. They have no autograd formula: training, tracing and ONNX export
-// compose the same results from standard operators (see ssiu_arch/cpu/kernels.py and ssiu_arch/cpu/engine.py).
+// maps is memory traffic, not arithmetic. Tracing and ONNX export compose the same results from standard
+// operators (see ssiu_arch/cpu/kernels.py and ssiu_arch/cpu/engine.py). Two have backward kernels for the
+// engine's training path (ssiu_arch/cpu/training.py): halo_attention_backward and gelu_gate_backward.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -13,6 +14,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <initializer_list>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -1335,6 +1337,220 @@ at::Tensor halo_attention(const at::Tensor& qkv, const at::Tensor& embedding, in
   return out;
 }
 
+// Gradients of one (image, head) of halo_attention, block after block; the forward pass is recomputed per block
+// (scores, softmax) instead of stored. With P the probabilities, dO the output's gradient and S = scale q k^T:
+//   dP = dO v^T, dS = P * (dP - rowsum(P * dP)), dq = scale dS k, dk = scale dS^T q, dv = P^T dO,
+// k including the embedding. dq is written, dk and dv are added into the window's pixels of dqkv (windows overlap
+// by their halos; keys outside the map are dropped) and dk of every window position into demb (window^2, dim).
+struct AttentionScratch {
+  std::vector<float> keys_t, values_t, keys, probs, dprobs;  // (dim, padded) x 2, (window^2, dim), (queries, padded) x 2
+  std::vector<const float*> q, dout;                        // each query's q and dO
+  AttentionScratch(int64_t dim, int64_t n_keys, int64_t padded, int64_t queries)
+      : keys_t(dim * padded), values_t(dim * padded), keys(n_keys * dim), probs(queries * padded),
+        dprobs(queries * padded), q(queries), dout(queries) {}
+};
+
+constexpr int64_t kKeyGroup = 8;  // keys whose dk and dv accumulate together over all queries
+
+SSIU_TARGETS void key_gradients(const AttentionScratch& s, int64_t queries, int64_t padded, int64_t dim, int64_t j0,
+                                int64_t d0, Vec16* dk, Vec16* dv) {
+  for (int64_t jj = 0; jj < kKeyGroup; ++jj) dk[jj] = dv[jj] = Vec16{};
+  for (int64_t i = 0; i < queries; ++i) {
+    const Vec16 q = load16(s.q[i] + d0), o = load16(s.dout[i] + d0);
+    const float* ds = s.dprobs.data() + i * padded + j0;
+    const float* p = s.probs.data() + i * padded + j0;
+    for (int64_t jj = 0; jj < kKeyGroup; ++jj) {
+      dk[jj] += ds[jj] * q;
+      dv[jj] += p[jj] * o;
+    }
+  }
+}
+
+SSIU_TARGETS void attend_head_backward(const float* qkv, const float* grad, const float* embedding, int64_t h,
+                                       int64_t w, int64_t c, int64_t heads, int64_t block, int64_t halo,
+                                       int64_t head, AttentionScratch& s, float* dqkv, float* demb) {
+  const int64_t dim = c / heads, window = block + 2 * halo, n_keys = window * window;
+  const int64_t padded = (n_keys + 15) / 16 * 16, queries = block * block;
+  const float scale = 1.f / std::sqrt(static_cast<float>(dim));
+  const ScoreKernel score = score_kernel(padded / 16);
+  float tail[16] = {};
+  for (int64_t lane = n_keys - (padded - 16); lane < 16; ++lane) tail[lane] = -3.0e38f;
+  const float scales[kGroup] = {scale, scale, scale, scale};
+  std::fill(s.keys_t.begin(), s.keys_t.end(), 0.f);
+  std::fill(s.values_t.begin(), s.values_t.end(), 0.f);
+  for (int64_t by = 0; by < h / block; ++by) {
+    for (int64_t bx = 0; bx < w / block; ++bx) {
+      for (int64_t j = 0; j < n_keys; ++j) {
+        const int64_t y = by * block - halo + j / window, x = bx * block - halo + j % window;
+        const bool inside = y >= 0 && y < h && x >= 0 && x < w;
+        const float* key = qkv + (y * w + x) * 3 * c + c + head * dim;
+        for (int64_t d = 0; d < dim; ++d) {
+          const float k = (inside ? key[d] : 0.f) + embedding[j * dim + d];
+          s.keys_t[d * padded + j] = s.keys[j * dim + d] = k;
+          s.values_t[d * padded + j] = inside ? key[c + d] : 0.f;
+        }
+      }
+      for (int64_t i = 0; i < queries; ++i) {
+        const int64_t pixel = (by * block + i / block) * w + bx * block + i % block;
+        s.q[i] = qkv + pixel * 3 * c + head * dim;
+        s.dout[i] = grad + pixel * c + head * dim;
+      }
+      for (int64_t i0 = 0; i0 < queries; i0 += kGroup) {
+        const int64_t group = std::min(kGroup, queries - i0);
+        const float* q[kGroup];
+        const float* dout[kGroup];
+        float* dq[kGroup];
+        float spare[kGroup][16 * 8];  // dq of a repeated query in a short last group (heads of up to 128)
+        for (int64_t g = 0; g < kGroup; ++g) {
+          const int64_t i = std::min(i0 + g, queries - 1);  // a short last group repeats its last query
+          const int64_t pixel = (by * block + i / block) * w + bx * block + i % block;
+          q[g] = s.q[i];
+          dout[g] = s.dout[i];
+          dq[g] = g < group ? dqkv + pixel * 3 * c + head * dim : spare[g];
+        }
+        float* p = s.probs.data() + i0 * padded;
+        float* dp = s.dprobs.data() + i0 * padded;
+        float group_p[kGroup * 128], group_dp[kGroup * 128];  // a short last group's rows (at most 128 keys)
+        float* gp = group == kGroup ? p : group_p;
+        float* gdp = group == kGroup ? dp : group_dp;
+        score(q, s.keys_t.data(), padded, dim, scale, gp);
+        score(dout, s.values_t.data(), padded, dim, 1.f, gdp);
+        for (int64_t g = 0; g < kGroup; ++g) {
+          float* pg = gp + g * padded;
+          float* dpg = gdp + g * padded;
+          const float inv = softmax_row(pg, padded, tail);
+          Vec16 dot{};
+          for (int64_t j = 0; j < padded; j += 16) {
+            const Vec16 pj = load16(pg + j) * inv;
+            store16(pg + j, pj);
+            dot += pj * load16(dpg + j);
+          }
+          const float rowsum = lanes_sum(dot);
+          for (int64_t j = 0; j < padded; j += 16) store16(dpg + j, load16(pg + j) * (load16(dpg + j) - rowsum));
+        }
+        group_weighted_sum(gdp, scales, s.keys.data(), n_keys, padded, dim, dq);
+        if (group < kGroup) {
+          std::copy(group_p, group_p + group * padded, p);
+          std::copy(group_dp, group_dp + group * padded, dp);
+        }
+      }
+      for (int64_t j0 = 0; j0 < n_keys; j0 += kKeyGroup) {
+        for (int64_t d0 = 0; d0 < dim; d0 += 16) {
+          Vec16 dk[kKeyGroup], dv[kKeyGroup];
+          key_gradients(s, queries, padded, dim, j0, d0, dk, dv);
+          for (int64_t jj = 0; jj < kKeyGroup && j0 + jj < n_keys; ++jj) {
+            const int64_t j = j0 + jj, y = by * block - halo + j / window, x = bx * block - halo + j % window;
+            const Vec16 k = dk[jj] * scale;
+            store16(demb + j * dim + d0, load16(demb + j * dim + d0) + k);
+            if (y >= 0 && y < h && x >= 0 && x < w) {
+              float* dkey = dqkv + (y * w + x) * 3 * c + c + head * dim + d0;
+              store16(dkey, load16(dkey) + k);
+              store16(dkey + c, load16(dkey + c) + dv[jj]);
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+// Gradients of halo_attention (float32) with respect to its qkv map and embedding, from the output's gradient
+// `grad` (B, h, w, C): (dqkv (B, h, w, 3 C), dembedding (window, window, dim)). Heads of 16k channels.
+std::tuple<at::Tensor, at::Tensor> halo_attention_backward(const at::Tensor& grad, const at::Tensor& qkv,
+                                                           const at::Tensor& embedding, int64_t heads, int64_t block,
+                                                           int64_t halo) {
+  TORCH_CHECK(qkv.dim() == 4 && qkv.scalar_type() == at::kFloat && qkv.device().is_cpu() && qkv.size(3) % 3 == 0,
+              "halo_attention_backward: qkv must be a float32 (B, h, w, 3 C) CPU map, got ", qkv.sizes());
+  const int64_t batch = qkv.size(0), h = qkv.size(1), w = qkv.size(2), c = qkv.size(3) / 3;
+  TORCH_CHECK(heads > 0 && c % heads == 0 && (c / heads) % 16 == 0 && c / heads <= 128, "halo_attention_backward: ",
+              c, " channels do not split into ", heads, " heads of 16, 32, ... 128");
+  TORCH_CHECK(block > 0 && halo >= 0 && h % block == 0 && w % block == 0, "halo_attention_backward: a ", h, "x", w,
+              " map is not made of ", block, "x", block, " blocks");
+  TORCH_CHECK(grad.sizes() == at::IntArrayRef({batch, h, w, c}) && grad.scalar_type() == at::kFloat,
+              "halo_attention_backward: grad must be float32 (B, h, w, C)");
+  const int64_t dim = c / heads, window = block + 2 * halo, n_keys = window * window;
+  TORCH_CHECK(n_keys <= 128, "halo_attention_backward: windows of at most 128 keys, got ", n_keys);
+  TORCH_CHECK(embedding.sizes() == at::IntArrayRef({window, window, dim}),
+              "halo_attention_backward: embedding must be (", window, ", ", window, ", ", dim, ")");
+  const at::Tensor input = qkv.contiguous(), g = grad.contiguous(), emb = embedding.contiguous().to(at::kFloat);
+  at::Tensor dqkv = at::zeros_like(input);
+  at::Tensor demb = at::zeros({batch * heads, n_keys, dim}, input.options());
+  const int64_t padded = (n_keys + 15) / 16 * 16;
+  const float* in_data = input.data_ptr<float>();
+  const float* g_data = g.data_ptr<float>();
+  const float* emb_data = emb.data_ptr<float>();
+  float* dq_data = dqkv.data_ptr<float>();
+  float* demb_data = demb.data_ptr<float>();
+  // one task per (image, head): the windows of an image overlap, its heads' channels do not
+  at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
+    AttentionScratch scratch(dim, n_keys, padded, block * block);
+    for (int64_t index = begin; index < end; ++index) {
+      const int64_t image = index / heads, head = index % heads;
+      attend_head_backward(in_data + image * h * w * 3 * c, g_data + image * h * w * c, emb_data, h, w, c, heads,
+                           block, halo, head, scratch, dq_data + image * h * w * 3 * c,
+                           demb_data + index * n_keys * dim);
+    }
+  });
+  return {dqkv, demb.sum(0).view({window, window, dim})};
+}
+
+// MSGM's gate for training, over n values (a multiple of 16): out = GELU(h) * u, and its gradients from the
+// output's gradient g: dh = g u GELU'(h), du = g GELU(h), with GELU'(h) = Phi(h) + h phi(h). One pass each,
+// where eager PyTorch makes two forward and three backward passes over the maps.
+SSIU_TARGETS void gelu_gate_values(const float* h, const float* u, int64_t n, float* out) {
+  for (int64_t i = 0; i < n; i += 16) store16(out + i, gelu16(load16(h + i)) * load16(u + i));
+}
+
+SSIU_TARGETS void gelu_gate_gradients(const float* g, const float* h, const float* u, int64_t n, float* dh,
+                                      float* du) {
+  for (int64_t i = 0; i < n; i += 16) {
+    const Vec16 x = load16(h + i), gi = load16(g + i);
+    const Vec16 cdf = 0.5f * (1.f + erf16(x * 0.70710678118654752f));
+    const Vec16 pdf = 0.39894228040143268f * exp16(-0.5f * x * x);
+    store16(dh + i, gi * load16(u + i) * (cdf + x * pdf));
+    store16(du + i, gi * (x * cdf));
+  }
+}
+
+void check_gate_maps(const char* name, std::initializer_list<const at::Tensor*> maps) {
+  const at::Tensor& first = **maps.begin();
+  for (const at::Tensor* t : maps) {
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->device().is_cpu() && t->is_contiguous() &&
+                    t->sizes() == first.sizes() && t->numel() % 16 == 0,
+                name, ": contiguous float32 CPU maps of one shape with a multiple of 16 values expected");
+  }
+}
+
+constexpr int64_t kGateGrain = 16 * 1024;  // values per parallel task
+
+at::Tensor gelu_gate(const at::Tensor& h, const at::Tensor& u) {
+  check_gate_maps("gelu_gate", {&h, &u});
+  at::Tensor out = at::empty_like(h);
+  const float* hp = h.data_ptr<float>();
+  const float* up = u.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, h.numel() / 16, kGateGrain / 16, [&](int64_t begin, int64_t end) {
+    gelu_gate_values(hp + begin * 16, up + begin * 16, (end - begin) * 16, op + begin * 16);
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> gelu_gate_backward(const at::Tensor& grad, const at::Tensor& h,
+                                                      const at::Tensor& u) {
+  check_gate_maps("gelu_gate_backward", {&grad, &h, &u});
+  at::Tensor dh = at::empty_like(h), du = at::empty_like(u);
+  const float* gp = grad.data_ptr<float>();
+  const float* hp = h.data_ptr<float>();
+  const float* up = u.data_ptr<float>();
+  float* dhp = dh.data_ptr<float>();
+  float* dup = du.data_ptr<float>();
+  at::parallel_for(0, h.numel() / 16, kGateGrain / 16, [&](int64_t begin, int64_t end) {
+    const int64_t o = begin * 16;
+    gelu_gate_gradients(gp + o, hp + o, up + o, (end - begin) * 16, dhp + o, dup + o);
+  });
+  return {dh, du};
+}
+
 // MoE-FS gating of channels-last maps: per pixel and channel, gates = softmax over the experts of `logits`,
 // out = sum of gates * experts; skip = out + residual (out itself without a residual). Returns (out, skip,
 // gates), gates (B, H, W, E, C) if asked for, else an empty tensor.
@@ -1388,6 +1604,10 @@ TORCH_LIBRARY(ssiu, m) {
   m.def("bf16_supported() -> bool", bf16_supported);
   m.def("upsample_combine(Tensor low, Tensor v, Tensor b, int r0, int height) -> Tensor");
   m.def("halo_attention(Tensor qkv, Tensor embedding, int heads, int block, int halo, bool bf16=False) -> Tensor");
+  m.def("halo_attention_backward(Tensor grad, Tensor qkv, Tensor embedding, int heads, int block, int halo) -> "
+        "(Tensor, Tensor)");
+  m.def("gelu_gate(Tensor h, Tensor u) -> Tensor");
+  m.def("gelu_gate_backward(Tensor grad, Tensor h, Tensor u) -> (Tensor, Tensor)");
   m.def("moe_combine(Tensor[] logits, Tensor[] experts, Tensor? residual, bool with_gates) -> (Tensor, Tensor, Tensor)");
 }
 
@@ -1396,6 +1616,9 @@ TORCH_LIBRARY_IMPL(ssiu, CPU, m) {
   m.impl("msgm", msgm);
   m.impl("upsample_combine", upsample_combine);
   m.impl("halo_attention", halo_attention);
+  m.impl("halo_attention_backward", halo_attention_backward);
+  m.impl("gelu_gate", gelu_gate);
+  m.impl("gelu_gate_backward", gelu_gate_backward);
   m.impl("moe_combine", moe_combine);
   m.impl("linear_bf16", linear_bf16);
   m.impl("gelu_product_bf16", gelu_product_bf16);

@@ -1,0 +1,126 @@
+"""The CPU engine's training path: the reference network's modules, with two of their parts as compiled kernels.
+
+Where autograd needs gradients of an SSIU on the CPU (float32, no autocast), :class:`ssiu_arch.cpu.engine.Engine`
+runs :func:`forward`. It is the reference forward pass, module for module, except for two parts whose eager
+PyTorch form is many small passes over the maps, computed here by kernels with their own backward formulas:
+
+- ESAM's halo attention (:class:`HaloAttention`): gathering the windows, the two batched products and the
+  softmax are one kernel forward and one backward, which recomputes the scores from q and k instead of storing
+  the probabilities;
+- MSGM's gate ``GELU(W_1 x) * W_3 DW(W_2 x)`` (:class:`GeluGate`): one pass forward and one backward, where eager
+  PyTorch makes two and three.
+
+Convolutions, LayerNorm, pooling, upsampling and the MoE-FS are the modules' own calls, so every parameter gets
+its gradient from the same operators as in the reference. ``tests/test_engine.py`` checks outputs and gradients
+against the reference forward.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+from ssiu_arch.archs.ssiu_arch import ESAM, MSGM, SSIU, SSRMStep, pad_to_multiple
+
+__all__ = ['GeluGate', 'HaloAttention', 'forward', 'supported']
+
+# Kernel limits of the attention's backward pass: heads of 16, 32, ... 128 channels, windows of at most 128 keys.
+MAX_HEAD_DIM = 128
+MAX_KEYS = 128
+
+
+class HaloAttention(torch.autograd.Function):
+    """ESAM's attention on a channels-last qkv map (B, h, w, 3 C) with key embedding (window, window, C / heads)
+    -> (B, h, w, C); see :func:`ssiu_arch.cpu.kernels.halo_attention`."""
+
+    @staticmethod
+    def forward(ctx, qkv: torch.Tensor, embedding: torch.Tensor, heads: int, block: int,
+                halo: int) -> torch.Tensor:
+        qkv, embedding = qkv.contiguous(), embedding.contiguous()
+        ctx.save_for_backward(qkv, embedding)
+        ctx.layout = (heads, block, halo)
+        return torch.ops.ssiu.halo_attention(qkv, embedding, heads, block, halo, False)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        qkv, embedding = ctx.saved_tensors
+        dqkv, dembedding = torch.ops.ssiu.halo_attention_backward(grad.contiguous(), qkv, embedding, *ctx.layout)
+        return dqkv, dembedding, None, None, None
+
+
+class GeluGate(torch.autograd.Function):
+    """``GELU(h) * u`` for two maps of one shape and memory layout."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(h, u)
+        return _flat(torch.ops.ssiu.gelu_gate, h, u)[0]
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        h, u = ctx.saved_tensors
+        return _flat(torch.ops.ssiu.gelu_gate_backward, grad, h, u)
+
+
+def _flat(op, *maps: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``op`` on the memory of NCHW ``maps`` seen as channels-last (B, H, W, C) buffers; results back as NCHW."""
+    flat = [m.permute(0, 2, 3, 1).contiguous() for m in maps]
+    out = op(*flat)
+    return tuple(t.permute(0, 3, 1, 2) for t in (out if isinstance(out, (tuple, list)) else (out,)))
+
+
+def supported(net: SSIU) -> bool:
+    """Whether the kernels' backward formulas cover ``net``'s ESAMs (its other parts the engine has checked)."""
+    for step in net.body:
+        esam = step.s3
+        dim, window = step.norm.body.normalized_shape[0] // esam.num_heads, esam.block_size + 2 * esam.halo
+        if dim % 16 or dim > MAX_HEAD_DIM or window * window > MAX_KEYS:
+            return False
+    return True
+
+
+def msgm(m: MSGM, x: torch.Tensor) -> torch.Tensor:
+    """:meth:`MSGM.forward`, its gate one kernel."""
+    return m.project_out(GeluGate.apply(m.project_in1(x), m.project_in2(x)))
+
+
+def esam(m: ESAM, x: torch.Tensor) -> torch.Tensor:
+    """:meth:`ESAM.forward`, its attention one kernel."""
+    qkv = m.qkv_conv(m.pool(x)).permute(0, 2, 3, 1)  # (B, h, w, 3 C): the memory of the channels-last map
+    window = m.block_size + 2 * m.halo
+    embedding = m.key_embedding().view(window, window, -1)
+    out = HaloAttention.apply(qkv, embedding, m.num_heads, m.block_size, m.halo)
+    return m.LocalProp(out.permute(0, 3, 1, 2))
+
+
+def step(s: SSRMStep, a: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """:meth:`SSRMStep.forward`."""
+    a = s.norm(a)
+    z, b = msgm(s.s1, a), msgm(s.s2, a)
+    v = a + z + y
+    v = v + esam(s.s3, v)
+    a = msgm(s.s4, v - b) + b
+    return a + msgm(s.ffn, a)
+
+
+def forward(net: SSIU, x: torch.Tensor, return_aux: bool = False):
+    """:meth:`SSIU.forward` with the steps of :func:`step`."""
+    h, w = x.shape[-2:]
+    s = net.upscale
+    x = pad_to_multiple(x, net.pad_multiple).contiguous(memory_format=torch.channels_last)
+    y = net.head(x)
+    a, estimates = y, {0: y}
+    for index, block in enumerate(net.body, start=1):
+        a = step(block, a, y)
+        if index in net.expert_steps:
+            estimates[index] = a
+    experts = [estimates[index] for index in net.expert_steps]
+    fused, gates = net.moe(experts)
+    skip = F.interpolate(x, scale_factor=s, mode='bilinear', align_corners=False)
+    out = (net.tail(fused + y) + skip)[..., :h * s, :w * s]
+    if not return_aux:
+        return out
+    steps = [(net.tail(e + y) + skip)[..., :h * s, :w * s] for e in experts]
+    return out, {'gates': gates[..., :h, :w], 'step_outputs': steps}
