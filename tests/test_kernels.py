@@ -127,6 +127,31 @@ def test_halo_attention_backward_refuses_what_it_was_not_written_for():
         torch.ops.ssiu.halo_attention_backward(grad[..., :16], qkv, torch.randn(10, 10, 16), 2, 8, 1)
 
 
+@pytest.mark.parametrize('k, channels, size', [(3, 64, (13, 21)), (5, 32, (9, 7)), (1, 16, (4, 5)), (7, 48, (8, 11)),
+                                             (3, 16, (2, 3))])
+def test_depthwise_reflect_backward_is_the_gradient_of_the_padded_convolution(k, channels, size):
+    conv = torch.nn.Conv2d(channels, channels, k, padding=k // 2, groups=channels, padding_mode='reflect').double()
+    x = torch.randn(3, channels, *size, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(3, channels, *size, dtype=torch.float64)
+    expected = torch.autograd.grad(conv(x), (x, conv.weight, conv.bias), grad)  # float64: the exact gradient
+    got = torch.ops.ssiu.depthwise_reflect_backward(nhwc(grad).float().contiguous(),
+                                                   nhwc(x.detach()).float().contiguous(), conv.weight.detach().float())
+    for g, e in zip((nchw(got[0]), got[1], got[2]), expected):
+        assert (g.double() - e).norm() <= 1e-6 * e.norm()
+
+
+def test_depthwise_reflect_backward_refuses_bad_input():
+    x, w = torch.randn(1, 6, 6, 32), torch.randn(32, 1, 3, 3)
+    with pytest.raises(RuntimeError, match='C a multiple of 16'):
+        torch.ops.ssiu.depthwise_reflect_backward(x[..., :20], x[..., :20], w[:20])
+    with pytest.raises(RuntimeError, match='shaped as x'):
+        torch.ops.ssiu.depthwise_reflect_backward(x[:, :5], x, w)
+    with pytest.raises(RuntimeError, match='kernel size must be'):
+        torch.ops.ssiu.depthwise_reflect_backward(x, x, torch.randn(32, 1, 4, 4))
+    with pytest.raises(RuntimeError, match='too small'):
+        torch.ops.ssiu.depthwise_reflect_backward(x[:, :2], x[:, :2], torch.randn(32, 1, 5, 5))
+
+
 def test_gelu_gate_and_its_backward_match_autograd():
     h = (torch.randn(2, 7, 5, 32) * 4).requires_grad_()  # GELU's whole range, tails included
     u = torch.randn(2, 7, 5, 32).requires_grad_()

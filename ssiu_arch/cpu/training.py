@@ -1,28 +1,31 @@
-"""The CPU engine's training path: the reference network's modules, with two of their parts as compiled kernels.
+"""The CPU engine's training path: the reference network's modules, with some of their parts as compiled kernels.
 
 Where autograd needs gradients of an SSIU on the CPU (float32, no autocast), :class:`ssiu_arch.cpu.engine.Engine`
-runs :func:`forward`. It is the reference forward pass, module for module, except for two parts whose eager
+runs :func:`forward`. It is the reference forward pass, module for module, except for the parts whose eager
 PyTorch form is many small passes over the maps, computed here by kernels with their own backward formulas:
 
 - ESAM's halo attention (:class:`HaloAttention`): gathering the windows, the two batched products and the
   softmax are one kernel forward and one backward, which recomputes the scores from q and k instead of storing
   the probabilities;
 - MSGM's gate ``GELU(W_1 x) * W_3 DW(W_2 x)`` (:class:`GeluGate`): one pass forward and one backward, where eager
-  PyTorch makes two and three.
+  PyTorch makes two and three;
+- the reflect-padded depthwise convolutions of MSGM and ESAM (:class:`DepthwiseReflect`): no padded copy of the
+  map forward, and one pass backward for the input, weight and bias gradients.
 
-Convolutions, LayerNorm, pooling, upsampling and the MoE-FS are the modules' own calls, so every parameter gets
-its gradient from the same operators as in the reference. ``tests/test_engine.py`` checks outputs and gradients
-against the reference forward.
+The 1x1 convolutions, LayerNorm, pooling, upsampling and the MoE-FS are the modules' own calls, so those
+parameters get their gradients from the same operators as in the reference. ``tests/test_engine.py`` checks
+outputs and gradients against the reference forward.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.autograd.function import once_differentiable
 
 from ssiu_arch.archs.ssiu_arch import ESAM, MSGM, SSIU, SSRMStep, pad_to_multiple
 
-__all__ = ['GeluGate', 'HaloAttention', 'forward', 'supported']
+__all__ = ['DepthwiseReflect', 'GeluGate', 'HaloAttention', 'forward', 'supported']
 
 # Kernel limits of the attention's backward pass: heads of 16, 32, ... 128 channels, windows of at most 128 keys.
 MAX_HEAD_DIM = 128
@@ -47,6 +50,23 @@ class HaloAttention(torch.autograd.Function):
         qkv, embedding = ctx.saved_tensors
         dqkv, dembedding = torch.ops.ssiu.halo_attention_backward(grad.contiguous(), qkv, embedding, *ctx.layout)
         return dqkv, dembedding, None, None, None
+
+
+class DepthwiseReflect(torch.autograd.Function):
+    """A reflect-padded depthwise convolution of a channels-last map (B, H, W, C) with weight (C, 1, k, k) and bias
+    (C) -> (B, H, W, C); see :func:`ssiu_arch.cpu.kernels.depthwise_reflect`."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        x = x.contiguous()
+        ctx.save_for_backward(x, weight)
+        return torch.ops.ssiu.depthwise_reflect(x, weight, bias, 0, x.shape[1])
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        return torch.ops.ssiu.depthwise_reflect_backward(grad.contiguous(), x, weight)
 
 
 class GeluGate(torch.autograd.Function):
@@ -81,9 +101,15 @@ def supported(net: SSIU) -> bool:
     return True
 
 
+def depthwise(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """``conv(x)`` for a reflect-padded depthwise convolution of a channels-last NCHW map."""
+    return DepthwiseReflect.apply(x.permute(0, 2, 3, 1), conv.weight, conv.bias).permute(0, 3, 1, 2)
+
+
 def msgm(m: MSGM, x: torch.Tensor) -> torch.Tensor:
-    """:meth:`MSGM.forward`, its gate one kernel."""
-    return m.project_out(GeluGate.apply(m.project_in1(x), m.project_in2(x)))
+    """:meth:`MSGM.forward`, its depthwise convolution and gate kernels."""
+    w2, dw, w3 = m.project_in2
+    return m.project_out(GeluGate.apply(m.project_in1(x), w3(depthwise(dw, w2(x)))))
 
 
 def esam(m: ESAM, x: torch.Tensor) -> torch.Tensor:
@@ -91,8 +117,11 @@ def esam(m: ESAM, x: torch.Tensor) -> torch.Tensor:
     qkv = m.qkv_conv(m.pool(x)).permute(0, 2, 3, 1)  # (B, h, w, 3 C): the memory of the channels-last map
     window = m.block_size + 2 * m.halo
     embedding = m.key_embedding().view(window, window, -1)
-    out = HaloAttention.apply(qkv, embedding, m.num_heads, m.block_size, m.halo)
-    return m.LocalProp(out.permute(0, 3, 1, 2))
+    out = HaloAttention.apply(qkv, embedding, m.num_heads, m.block_size, m.halo).permute(0, 3, 1, 2)
+    if isinstance(m.LocalProp, nn.Identity):
+        return out
+    dw, upsample = m.LocalProp
+    return upsample(depthwise(dw, out))
 
 
 def step(s: SSRMStep, a: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

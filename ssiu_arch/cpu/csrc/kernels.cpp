@@ -809,6 +809,127 @@ at::Tensor depthwise_reflect(const at::Tensor& x, const at::Tensor& weight, cons
   return out;
 }
 
+// Gradients of a K x K reflect-padded depthwise convolution of one image, 16 channels from `ch`, from the output's
+// gradient g (n, width, c). Each input pixel gathers the output gradients its taps reach without padding (no
+// read-modify-write of dx); then the taps that the reflection sent back into the map add their part at the
+// border. The taps' and bias's gradients accumulate in registers (dtaps: (K * K, c)). cols: the reflected column
+// of each (output column, kx).
+template <int64_t K>
+SSIU_TARGETS void depthwise_backward_channels(const float* x, const float* g, int64_t n, int64_t width, int64_t c,
+                                              int64_t ch, const float* taps, const int64_t* cols, float* dx,
+                                              float* dtaps, float* dbias) {
+  constexpr int64_t p = K / 2;
+  Vec16 w[K * K], dw[K * K], db{};
+  for (int64_t t = 0; t < K * K; ++t) w[t] = load16(taps + t * c + ch), dw[t] = Vec16{};
+  const int64_t row = width * c;
+  for (int64_t y = 0; y < n; ++y) {
+    const float* src[K];   // input rows the taps of output row y read (reflected)
+    const float* grad[K];  // output rows whose taps reach input row y (nullptr: outside the map)
+    for (int64_t k = 0; k < K; ++k) {
+      src[k] = x + reflect(y + k - p, n) * row + ch;
+      const int64_t yo = y - k + p;
+      grad[k] = yo >= 0 && yo < n ? g + yo * row + ch : nullptr;
+    }
+    for (int64_t xi = 0; xi < width; ++xi) {
+      const Vec16 gv = load16(g + y * row + xi * c + ch);
+      db += gv;
+      Vec16 acc{};
+      if (xi >= p && xi + p < width) {
+        for (int64_t k = 0; k < K; ++k) {
+          for (int64_t kx = 0; kx < K; ++kx) dw[k * K + kx] += gv * load16(src[k] + (xi - p + kx) * c);
+          if (grad[k] == nullptr) continue;
+          for (int64_t kx = 0; kx < K; ++kx) acc += w[k * K + kx] * load16(grad[k] + (xi + p - kx) * c);
+        }
+      } else {
+        for (int64_t k = 0; k < K; ++k) {
+          for (int64_t kx = 0; kx < K; ++kx) {
+            dw[k * K + kx] += gv * load16(src[k] + cols[xi * K + kx] * c);
+            const int64_t xo = xi + p - kx;
+            if (grad[k] != nullptr && xo >= 0 && xo < width) acc += w[k * K + kx] * load16(grad[k] + xo * c);
+          }
+        }
+      }
+      store16(dx + y * row + xi * c + ch, acc);
+    }
+  }
+  for (int64_t yo = 0; yo < n; ++yo) {  // the border's reflected taps
+    const bool edge_row = yo < p || yo + p >= n;
+    for (int64_t xo = 0; xo < width; ++xo) {
+      if (!edge_row && xo >= p && xo + p < width) {
+        xo = width - p - 1;  // skip to the right border
+        continue;
+      }
+      const Vec16 gv = load16(g + yo * row + xo * c + ch);
+      for (int64_t ky = 0; ky < K; ++ky) {
+        const int64_t ys = yo + ky - p;
+        for (int64_t kx = 0; kx < K; ++kx) {
+          const int64_t xs = xo + kx - p;
+          if (ys >= 0 && ys < n && xs >= 0 && xs < width) continue;
+          float* d = dx + reflect(ys, n) * row + reflect(xs, width) * c + ch;
+          store16(d, load16(d) + w[ky * K + kx] * gv);
+        }
+      }
+    }
+  }
+  for (int64_t t = 0; t < K * K; ++t) store16(dtaps + t * c + ch, dw[t]);
+  store16(dbias + ch, db);
+}
+
+using DepthwiseBackward = void (*)(const float*, const float*, int64_t, int64_t, int64_t, int64_t, const float*,
+                                   const int64_t*, float*, float*, float*);
+
+DepthwiseBackward depthwise_backward_kernel(int64_t k) {
+  switch (k) {
+    case 1: return depthwise_backward_channels<1>;
+    case 3: return depthwise_backward_channels<3>;
+    case 5: return depthwise_backward_channels<5>;
+    case 7: return depthwise_backward_channels<7>;
+    default: return nullptr;
+  }
+}
+
+// Gradients of depthwise_reflect over whole maps (offset 0, all rows) with respect to x (B, N, W, C), the weight
+// (C, 1, k, k) and the bias (C), from the output's gradient (B, N, W, C); C a multiple of 16.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> depthwise_reflect_backward(const at::Tensor& grad, const at::Tensor& x,
+                                                                          const at::Tensor& weight) {
+  TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat && x.device().is_cpu() && x.size(3) % 16 == 0,
+              "depthwise_reflect_backward: x must be a float32 (B, N, W, C) CPU map, C a multiple of 16");
+  TORCH_CHECK(grad.sizes() == x.sizes() && grad.scalar_type() == at::kFloat,
+              "depthwise_reflect_backward: grad must be float32 and shaped as x");
+  const at::Tensor input = x.contiguous(), g = grad.contiguous();
+  const int64_t batch = input.size(0), n = input.size(1), width = input.size(2), c = input.size(3);
+  const int64_t k = weight.size(-1), p = k / 2;
+  TORCH_CHECK(weight.dim() == 4 && weight.size(0) == c && weight.size(1) == 1 && weight.size(2) == k,
+              "depthwise_reflect_backward: weight must be (C, 1, k, k) for C = ", c, " channels, got ",
+              weight.sizes());
+  const DepthwiseBackward kernel = depthwise_backward_kernel(k);
+  TORCH_CHECK(kernel != nullptr, "depthwise_reflect_backward: kernel size must be 1, 3, 5 or 7, got ", k);
+  TORCH_CHECK(p < n && p < width, "depthwise_reflect_backward: a ", n, "x", width,
+              " map is too small to reflect-pad by ", p);
+  const at::Tensor taps = weight.reshape({c, k * k}).t().contiguous().to(at::kFloat);
+  std::vector<int64_t> cols(width * k);
+  for (int64_t xo = 0; xo < width; ++xo) {
+    for (int64_t kx = 0; kx < k; ++kx) cols[xo * k + kx] = reflect(xo + kx - p, width);
+  }
+  at::Tensor dx = at::empty_like(input);
+  at::Tensor dtaps = at::empty({batch, k * k, c}, input.options()), dbias = at::empty({batch, c}, input.options());
+  const float* x_data = input.data_ptr<float>();
+  const float* g_data = g.data_ptr<float>();
+  const float* tap_data = taps.data_ptr<float>();
+  float* dx_data = dx.data_ptr<float>();
+  float* dtap_data = dtaps.data_ptr<float>();
+  float* dbias_data = dbias.data_ptr<float>();
+  const int64_t image = n * width * c, blocks = c / 16;
+  at::parallel_for(0, batch * blocks, 1, [&](int64_t begin, int64_t end) {  // tasks write disjoint channels
+    for (int64_t index = begin; index < end; ++index) {
+      const int64_t b = index / blocks, ch = index % blocks * 16;
+      kernel(x_data + b * image, g_data + b * image, n, width, c, ch, tap_data, cols.data(), dx_data + b * image,
+             dtap_data + b * k * k * c, dbias_data + b * c);
+    }
+  });
+  return {dx, dtaps.sum(0).t().reshape({c, 1, k, k}), dbias.sum(0)};
+}
+
 // Source index and weight of the second neighbour of each output position of a bilinear resize with aligned
 // corners, computed in float32 as PyTorch's upsample_bilinear2d does: position = (in - 1) / (out - 1) * i.
 struct Linear {
@@ -1596,6 +1717,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_combine(at::TensorList logits
 
 TORCH_LIBRARY(ssiu, m) {
   m.def("depthwise_reflect(Tensor x, Tensor weight, Tensor? bias, int offset, int rows) -> Tensor");
+  m.def("depthwise_reflect_backward(Tensor grad, Tensor x, Tensor weight) -> (Tensor, Tensor, Tensor)");
   m.def("msgm(Tensor x, Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor wd, Tensor bd, Tensor w3, Tensor b3, "
         "Tensor wo, Tensor? bo, Tensor? add, bool residual, Tensor? ln_weight, Tensor? ln_bias, float ln_eps, "
         "int offset, int rows, int tile_pixels, bool bf16=False) -> Tensor");
@@ -1613,6 +1735,7 @@ TORCH_LIBRARY(ssiu, m) {
 
 TORCH_LIBRARY_IMPL(ssiu, CPU, m) {
   m.impl("depthwise_reflect", depthwise_reflect);
+  m.impl("depthwise_reflect_backward", depthwise_reflect_backward);
   m.impl("msgm", msgm);
   m.impl("upsample_combine", upsample_combine);
   m.impl("halo_attention", halo_attention);
