@@ -25,7 +25,7 @@ from torch.autograd.function import once_differentiable
 
 from ssiu_arch.archs.ssiu_arch import ESAM, MSGM, SSIU, SSRMStep, pad_to_multiple
 
-__all__ = ['DepthwiseReflect', 'GeluGate', 'HaloAttention', 'forward', 'supported']
+__all__ = ['ConvAdd', 'DepthwiseReflect', 'GeluGate', 'HaloAttention', 'UpsampleUpdate', 'forward', 'supported']
 
 # Kernel limits of the attention's backward pass: heads of 16, 32, ... 128 channels, windows of at most 128 keys.
 MAX_HEAD_DIM = 128
@@ -69,6 +69,44 @@ class DepthwiseReflect(torch.autograd.Function):
         return torch.ops.ssiu.depthwise_reflect_backward(grad.contiguous(), x, weight)
 
 
+class ConvAdd(torch.autograd.Function):
+    """``conv(x) + other`` for a 1x1 convolution of channels-last NCHW maps, the sum in oneDNN's epilogue."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, other: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        return torch.ops.mkldnn._convolution_pointwise.binary(x, other, weight, bias, [0, 0], [1, 1], [1, 1], 1, 'add',
+                                                              None, None, [], None)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        needs_x, _, needs_weight, needs_bias = ctx.needs_input_grad
+        dx, dweight, dbias = torch.ops.aten.convolution_backward(
+            grad, x, weight, [weight.shape[0]], [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
+            [needs_x, needs_weight, needs_bias])
+        return dx, grad, dweight, dbias
+
+
+class UpsampleUpdate(torch.autograd.Function):
+    """``bilinear(low) + v - b`` in one pass: ``low`` (B, C, h, w) resized with aligned corners to the size of the
+    (B, C, H, W) maps ``v`` and ``b``, all channels-last; see :func:`ssiu_arch.cpu.kernels.upsample_combine`."""
+
+    @staticmethod
+    def forward(ctx, low: torch.Tensor, v: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        ctx.sizes = (low.shape, v.shape[-2:])
+        nhwc = [t.permute(0, 2, 3, 1) for t in (low, v, b)]
+        return torch.ops.ssiu.upsample_combine(*nhwc, 0, v.shape[-2]).permute(0, 3, 1, 2)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        low_shape, size = ctx.sizes
+        dlow = torch.ops.aten.upsample_bilinear2d_backward(grad, list(size), list(low_shape), True)
+        return dlow, grad, grad.neg()
+
+
 class GeluGate(torch.autograd.Function):
     """``GELU(h) * u`` for two maps of one shape and memory layout."""
 
@@ -106,32 +144,33 @@ def depthwise(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     return DepthwiseReflect.apply(x.permute(0, 2, 3, 1), conv.weight, conv.bias).permute(0, 3, 1, 2)
 
 
-def msgm(m: MSGM, x: torch.Tensor) -> torch.Tensor:
-    """:meth:`MSGM.forward`, its depthwise convolution and gate kernels."""
+def msgm(m: MSGM, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
+    """:meth:`MSGM.forward` (plus ``add``), its depthwise convolution and gate kernels."""
     w2, dw, w3 = m.project_in2
-    return m.project_out(GeluGate.apply(m.project_in1(x), w3(depthwise(dw, w2(x)))))
+    gate = GeluGate.apply(m.project_in1(x), w3(depthwise(dw, w2(x))))
+    out = m.project_out
+    return out(gate) if add is None else ConvAdd.apply(gate, add, out.weight, out.bias)
 
 
-def esam(m: ESAM, x: torch.Tensor) -> torch.Tensor:
-    """:meth:`ESAM.forward`, its attention one kernel."""
-    qkv = m.qkv_conv(m.pool(x)).permute(0, 2, 3, 1)  # (B, h, w, 3 C): the memory of the channels-last map
+def esam_update(m: ESAM, v: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``v + ESAM(v) - b`` (:meth:`ESAM.forward`), its attention one kernel and its upsampling fused with the sums."""
+    qkv = m.qkv_conv(m.pool(v)).permute(0, 2, 3, 1)  # (B, h, w, 3 C): the memory of the channels-last map
     window = m.block_size + 2 * m.halo
     embedding = m.key_embedding().view(window, window, -1)
     out = HaloAttention.apply(qkv, embedding, m.num_heads, m.block_size, m.halo).permute(0, 3, 1, 2)
     if isinstance(m.LocalProp, nn.Identity):
-        return out
-    dw, upsample = m.LocalProp
-    return upsample(depthwise(dw, out))
+        return v + out - b
+    dw, _ = m.LocalProp  # then the bilinear upsampling (aligned corners) to v's size
+    return UpsampleUpdate.apply(depthwise(dw, out), v, b)
 
 
 def step(s: SSRMStep, a: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """:meth:`SSRMStep.forward`."""
+    """:meth:`SSRMStep.forward`, its residual sums in the convolutions' epilogues and the upsampling pass."""
     a = s.norm(a)
-    z, b = msgm(s.s1, a), msgm(s.s2, a)
-    v = a + z + y
-    v = v + esam(s.s3, v)
-    a = msgm(s.s4, v - b) + b
-    return a + msgm(s.ffn, a)
+    v = msgm(s.s1, a, add=a + y)  # a + z + y
+    b = msgm(s.s2, a)
+    a = msgm(s.s4, esam_update(s.s3, v, b), add=b)  # v + ESAM(v) - b, then MSGM_4 + b
+    return msgm(s.ffn, a, add=a)
 
 
 def forward(net: SSIU, x: torch.Tensor, return_aux: bool = False):

@@ -1143,6 +1143,11 @@ constexpr int64_t kGroup = 4;  // queries computed together, sharing every key a
 template <int64_t NV>
 SSIU_TARGETS void group_scores(const float* const* q, const float* keys_t, int64_t padded, int64_t dim, float scale,
                                float* scores) {
+  if constexpr (NV > 4) {  // in two passes: kGroup x 4 accumulators and 4 key vectors fit the registers, x NV spill
+    group_scores<4>(q, keys_t, padded, dim, scale, scores);
+    group_scores<NV - 4>(q, keys_t + 64, padded, dim, scale, scores + 64);
+    return;
+  }
   Vec16 acc[kGroup][NV];
   for (int64_t g = 0; g < kGroup; ++g) {
     for (int64_t jv = 0; jv < NV; ++jv) acc[g][jv] = Vec16{};
