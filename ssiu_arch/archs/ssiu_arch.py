@@ -18,7 +18,7 @@ tool; it needs only torch and einops and runs as a copy on its own. Feature maps
 channels-last memory, where 1x1 convolutions are matrix products over contiguous channel vectors.
 
 Speed: CPU speed lives in :mod:`ssiu_arch.cpu`. Its engine computes the same function from an :class:`SSIU`'s
-parameters with fused kernels (in training, these modules with two parts as kernels that have backward formulas);
+parameters with fused kernels (in training, these modules with some parts as kernels that have backward formulas);
 ``import ssiu_arch`` installs it as :attr:`SSIU.engine`, and it steps aside (this file runs) for GPUs, tracing,
 compiling, hooks, subclasses and unsupported hyper-parameters.
 """

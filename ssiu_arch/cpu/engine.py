@@ -2,9 +2,9 @@
 
 :class:`ssiu_arch.archs.ssiu_arch.SSIU` is the plain reference network. On the CPU in float32 it hands its
 forward pass to :data:`ENGINE` when :meth:`Engine.accepts` says so. Where autograd needs gradients the engine
-runs :func:`ssiu_arch.cpu.training.forward`: the network's modules, with ESAM's attention and MSGM's gate as
-kernels with their own backward formulas. At inference it computes the same function from the network's
-parameters:
+runs :func:`ssiu_arch.cpu.training.forward`: the network's modules, with ESAM's attention, MSGM's gate, the
+depthwise convolutions and some residual sums as kernels with their own backward formulas. At inference it
+computes the same function from the network's parameters:
 
 - every feature map is channels-last ``(B, H, W, C)``: the network is mostly 1x1 convolutions of 64 channels,
   whose cost on CPU is memory traffic;
@@ -77,7 +77,7 @@ KERNEL_SIZES = (1, 3, 5, 7)
 # SHA-256 of the network file the engine was written for and checked against (LF line endings). Any change to
 # that file makes the engine stand aside until its tests pass again against the changed network and this
 # digest is updated: a modified network never runs the old fused math.
-NETWORK_DIGEST = 'c83170ddfb8aae3d061fa44c92d5dd9b5bfad34a63aca8b85d9a36825c429ee4'
+NETWORK_DIGEST = 'a1aa69f4f460d28bb394bd98d2a7cf1b979a22f5a56efe4436b1cb57f9d990e3'
 # Exactly the module classes the engine knows; a subclass of any of them is a network it was not written for.
 _PARTS = (SSIU, SSRMStep, ChannelLayerNorm, MSGM, ESAM, MoEFeatureSelector, nn.LayerNorm, nn.Conv2d,
           nn.Sequential, nn.ModuleList, nn.PixelShuffle, nn.GELU, nn.Upsample, nn.MaxPool2d, nn.Identity)
@@ -119,8 +119,8 @@ class Engine:
         - ``x`` and every parameter are float32 CPU tensors;
         - where a gradient is needed (autograd is on and ``x`` or a parameter requires one), CPU autocast is off and
           the training path's kernels cover the ESAM heads (:func:`ssiu_arch.cpu.training.supported`); the engine
-          then runs :func:`ssiu_arch.cpu.training.forward`, the modules with ESAM's attention and MSGM's gate as
-          kernels with their own backward formulas;
+          then runs :func:`ssiu_arch.cpu.training.forward`, the modules with some parts as kernels with their
+          own backward formulas;
         - otherwise, CPU autocast is off, or it is bfloat16 autocast and the kernels' bfloat16 products can run
           (:func:`ssiu_arch.cpu.kernels.bf16_available`: a CPU with AVX512_BF16); the engine then computes in
           bfloat16 where that pays (see the module docstring);

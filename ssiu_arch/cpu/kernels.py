@@ -6,8 +6,8 @@ They are built on first use into a per-user cache (:mod:`ssiu_arch.cpu.build`) w
 turns them off. Only the CPU engine
 (:mod:`ssiu_arch.cpu.engine`) uses them; without them the network runs its own modules, about 2x slower for
 inference, and says so once, as it does for tracing and ONNX export, since the kernels have no ONNX mapping.
-Two of them have backward kernels, which the engine's training path (:mod:`ssiu_arch.cpu.training`) wraps in
-autograd functions: ESAM's halo attention and MSGM's GELU gate.
+Three have backward kernels, which the engine's training path (:mod:`ssiu_arch.cpu.training`) wraps in
+autograd functions: ESAM's halo attention, MSGM's GELU gate and the reflect-padded depthwise convolution.
 """
 from __future__ import annotations
 

@@ -10,10 +10,13 @@ PyTorch form is many small passes over the maps, computed here by kernels with t
 - MSGM's gate ``GELU(W_1 x) * W_3 DW(W_2 x)`` (:class:`GeluGate`): one pass forward and one backward, where eager
   PyTorch makes two and three;
 - the reflect-padded depthwise convolutions of MSGM and ESAM (:class:`DepthwiseReflect`): no padded copy of the
-  map forward, and one pass backward for the input, weight and bias gradients.
+  map forward, and one pass backward for the input, weight and bias gradients;
+- the residual sums after MSGM_1, MSGM_4 and MSGM_ffn, in the output convolution's oneDNN epilogue
+  (:class:`ConvAdd`), and ``v + ESAM(v) - b`` with ESAM's upsampling in one pass (:class:`UpsampleUpdate`).
 
-The 1x1 convolutions, LayerNorm, pooling, upsampling and the MoE-FS are the modules' own calls, so those
-parameters get their gradients from the same operators as in the reference. ``tests/test_engine.py`` checks
+The 1x1 convolutions, LayerNorm, pooling, the head, the MoE-FS and the tail are the modules' own calls (or, for
+the three convolutions with a sum, the same oneDNN convolution and its backward), so those parameters get their
+gradients from the same operators as in the reference. ``tests/test_engine.py`` checks
 outputs and gradients against the reference forward.
 """
 from __future__ import annotations

@@ -2,8 +2,9 @@
 //
 // Each replaces a chain of eager PyTorch passes over full-size maps by one pass; on CPU the cost of those
 // maps is memory traffic, not arithmetic. Tracing and ONNX export compose the same results from standard
-// operators (see ssiu_arch/cpu/kernels.py and ssiu_arch/cpu/engine.py). Two have backward kernels for the
-// engine's training path (ssiu_arch/cpu/training.py): halo_attention_backward and gelu_gate_backward.
+// operators (see ssiu_arch/cpu/kernels.py and ssiu_arch/cpu/engine.py). Three have backward kernels for the
+// engine's training path (ssiu_arch/cpu/training.py): halo_attention_backward, gelu_gate_backward and
+// depthwise_reflect_backward.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
