@@ -42,6 +42,22 @@ def test_bench_train_compares_one_state_dict_in_both_formulations(capsys):
     assert re.search(r'worst relative difference \S+ \(within the 1e-5 target\)', out)
 
 
+def test_bench_train_times_the_engine_training_path_beside_the_modules(capsys):
+    # 64 features in 4 heads: heads of 16 channels, which the CPU engine's training path covers
+    assert bench_train.main(['--runs', '1', '--variants', 'modules,recommended', '--num-feat', '64', '--num-block',
+                             '3', '--batch', '2', '--size', '16']) == 0
+    out = capsys.readouterr().out
+    saved = {}
+    for variant in ('modules', 'recommended'):
+        row = next(line for line in out.splitlines() if line.startswith(variant + ' '))
+        loss_diff, grad_diff = row.split()[4:6]
+        assert float(loss_diff) <= 1e-5 and float(grad_diff) <= 1e-5
+        saved[variant] = float(row.split()[-1].split('/')[0])  # SSIU's saved activations, MiB
+    assert saved['recommended'] < saved['modules']  # the engine's kernels ran: they keep fewer maps for backward
+    assert re.search(r'modules: SSIU with its own modules \S+x faster', out)
+    assert re.search(r'recommended: SSIU as trained here \S+x faster', out)
+
+
 def test_bench_train_names_a_bad_variant(capsys):
     with pytest.raises(SystemExit):
         bench_train.main(['--variants', 'eager,fused'])
