@@ -274,6 +274,37 @@ def _loss(out, aux):
     return out.square().mean() + sum(s.abs().mean() for s in aux['step_outputs']) + aux['gates'].var()
 
 
+def _pool_gap(net: SSIU, x: torch.Tensor) -> float:
+    """Smallest gap between the largest and second-largest value of any ESAM max-pooling window in ``net(x)``."""
+    gaps = []
+
+    def measure(module, args, out):
+        t = args[0]
+        b, c, h, w = t.shape
+        windows = t.reshape(b, c, h // 2, 2, w // 2, 2).transpose(3, 4).reshape(b, c, h // 2, w // 2, 4)
+        top = windows.topk(2, dim=-1).values
+        gaps.append(float((top[..., 0] - top[..., 1]).min()))
+
+    handles = [step.s3.pool.register_forward_hook(measure) for step in net.body
+               if isinstance(step.s3.pool, nn.MaxPool2d)]
+    try:
+        reference(net, x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return min(gaps, default=float('inf'))
+
+
+def _input_without_pool_ties(net: SSIU, shape: tuple[int, ...]) -> torch.Tensor:
+    """A random input on which no max-pooling window is within float32 rounding of a tie: there the gradient is
+    discontinuous, and two float32 computations (or float32 and float64) may route it to different pixels."""
+    for _ in range(20):
+        x = torch.rand(shape)
+        if _pool_gap(net, x) > 5e-6:
+            return x
+    raise AssertionError('no input without max-pooling near-ties in 20 draws')
+
+
 TRAINABLE = {
     'all parameters': lambda net, x: x,
     'input and parameters': lambda net, x: x.requires_grad_(),
@@ -289,12 +320,13 @@ KERNEL_NODES = {'HaloAttentionBackward', 'GeluGateBackward', 'DepthwiseReflectBa
 @pytest.mark.parametrize('kw', [dict(num_feat=32, num_heads=2),
                                 dict(num_feat=32, num_heads=2, upscale=4, block_size=4, halo=2, pad_multiple=8),
                                 dict(num_feat=64, num_block=3, upscale=3),
-                                dict(num_feat=32, num_heads=2, attn_downsample=1, pad_multiple=8)])
+                                dict(num_feat=32, num_heads=2, attn_downsample=1, pad_multiple=8),
+                                dict(num_feat=32, num_heads=2, kernel_size=7, expansion=1.5)])
 @pytest.mark.parametrize('trainable', TRAINABLE)
 def test_training_path_gives_the_reference_outputs_and_gradients(kw, trainable):
     torch.manual_seed(0)
     net = tiny(**kw).train()
-    x = TRAINABLE[trainable](net, torch.rand(2, 3, 19, 26))
+    x = TRAINABLE[trainable](net, _input_without_pool_ties(net, (2, 3, 19, 26)))
     assert ENGINE.accepts(net, x)
     out, aux = net(x, return_aux=True)
     nodes = _graph_nodes(out)
@@ -311,8 +343,8 @@ def test_training_path_gives_the_reference_outputs_and_gradients(kw, trainable):
         assert (a - b).abs().max() <= 1e-5
     assert (aux['gates'] - ref_aux['gates']).abs().max() <= 1e-6
     # Float32 rounding differs between the two (kernels sum in other orders), and these small random-weight networks
-    # amplify it (at x4 with 4x4 blocks the float32 reference is up to 3e-5 from float64, and either path may be
-    # the closer one): both are held to the float64 gradient, the kernels within a small factor of the modules.
+    # amplify it (at x4 with 4x4 blocks the float32 modules are 1-2e-5 from float64): both are held to the float64
+    # gradient, the kernels as close to it as the modules.
     net64 = copy.deepcopy(net).double()
     leaves64 = [t for t in [x.detach().double().requires_grad_(x.requires_grad), *net64.parameters()]
                 if t.requires_grad]
@@ -320,7 +352,7 @@ def test_training_path_gives_the_reference_outputs_and_gradients(kw, trainable):
                                 leaves64)
     flat = [torch.cat([g.double().flatten() for g in grads]) for grads in (got, expected, exact)]
     err_engine, err_reference = ((f - flat[2]).norm() / flat[2].norm() for f in flat[:2])
-    assert err_engine <= 3 * err_reference + 2e-6
+    assert err_engine <= 1.5 * err_reference + 1e-6
     assert all(g.abs().sum() > 0 for g in got)
 
 
