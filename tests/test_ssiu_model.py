@@ -95,6 +95,24 @@ def test_published_recipe_calls_network_without_aux(tmp_path, monkeypatch):
     assert not model.use_aux
 
 
+def test_the_first_step_records_whether_the_cpu_engine_trains(tmp_path):
+    model = build_model(make_opt(tmp_path))  # 16 features in 4 heads: heads the engine's training path lacks
+    model.feed_data(training_batch(16))
+    model.optimize_parameters(1)
+    assert model.training_forward == "the network's own modules"
+    opt = make_opt(tmp_path)
+    opt['network_g'].update(num_feat=64, num_block=1)  # heads of 16 channels
+    model = build_model(opt)
+    model.feed_data(training_batch(16))
+    model.optimize_parameters(1)
+    assert model.training_forward == "the CPU engine's training path (ssiu_arch/cpu/training.py)"
+    opt['train']['mixed_precision'] = 'bf16'  # autocast training: the modules, as autocast has them
+    model = build_model(opt)
+    model.feed_data(training_batch(16))
+    model.optimize_parameters(1)
+    assert model.training_forward == "the network's own modules"
+
+
 @pytest.mark.parametrize('optim, cls, expected', [
     ({'type': 'AdamW', 'lr': 1e-3, 'betas': [0.9, 0.99], 'weight_decay': 1e-4}, torch.optim.AdamW,
      {'betas': (0.9, 0.99), 'weight_decay': 1e-4}),

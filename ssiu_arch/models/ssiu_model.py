@@ -177,6 +177,7 @@ class SSIUModel(SRModel):
         """The network the training step calls (``net_g``, or ``net_g`` compiled) and the fp16 loss scaler."""
         logger = get_root_logger()
         self.net_g_train = self.net_g
+        self.compiled, self.training_forward = compile_kwargs is not None, None
         if compile_kwargs is not None:
             if isinstance(self.net_g, DataParallel):
                 raise ValueError('network_g_compile: torch.compile does not support DataParallel (num_gpu > 1 '
@@ -235,6 +236,15 @@ class SSIUModel(SRModel):
         return DistributedDataParallel(net, device_ids=device_ids,
                                        find_unused_parameters=self.opt.get('find_unused_parameters', False))
 
+    def _training_forward(self) -> str:
+        """What the training forward runs, as the network's engine decides it for this batch (CPU float32 SSIU:
+        the CPU engine's training path; GPUs, autocast, compiled or other networks: their own modules)."""
+        net = self.get_bare_model(self.net_g)
+        engine = getattr(net, 'engine', None)
+        if engine is not None and not self.compiled and engine.accepts(net, self.lq):
+            return "the CPU engine's training path (ssiu_arch/cpu/training.py)"
+        return "the network's own modules"
+
     def get_bare_model(self, net: torch.nn.Module) -> torch.nn.Module:
         """The network inside DDP/DataParallel and inside a ``torch.compile`` wrapper."""
         bare = super().get_bare_model(net)
@@ -245,6 +255,9 @@ class SSIUModel(SRModel):
         aux = {}
         # net_g_train is net_g (possibly DDP-wrapped, so gradients are synchronised) or net_g compiled
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            if self.training_forward is None:
+                self.training_forward = self._training_forward()
+                get_root_logger().info(f'Training forward: {self.training_forward}')
             if self.use_aux:
                 self.output, aux = self.net_g_train(self.lq, return_aux=True)
             else:
