@@ -58,7 +58,7 @@ setup(
         'basicsr': BASICSR,
         'spandrel': SPANDREL,
         'onnx': ONNX,
-        'dev': [*BASICSR, *SPANDREL, *ONNX, 'pytest>=8', 'ruff>=0.5'],
+        'dev': [*BASICSR, *SPANDREL, *ONNX, 'pytest>=8', 'pytest-timeout>=2', 'ruff>=0.5'],
     },
     entry_points={
         'console_scripts': [

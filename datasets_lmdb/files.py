@@ -1,10 +1,14 @@
 """Image files for the data preparation tools: listing, keys, decoding with clear errors, atomic writes."""
 from __future__ import annotations
 
+import itertools
 import multiprocessing
 import os
 import re
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import cv2
@@ -112,11 +116,30 @@ def default_workers() -> int:
     return max(1, min(8, os.cpu_count() or 1))
 
 
+def _worker_context() -> multiprocessing.context.BaseContext:
+    """Start method of the worker processes: forkserver where the platform has it, else spawn.
+
+    Never a plain fork: this process runs torch's OpenMP and OpenCV's thread pools, and a child forked while
+    one of their threads holds a lock can hang. The server preloads this package once, so each worker starts
+    at the cost of a fork, not of importing torch again.
+    """
+    if 'forkserver' in multiprocessing.get_all_start_methods():
+        context = multiprocessing.get_context('forkserver')
+        context.set_forkserver_preload(['ssiu_arch.datasets_lmdb'])
+        return context
+    return multiprocessing.get_context('spawn')
+
+
 def parallel_map(func: Callable, items: Iterable, total: int, workers: int = 1, desc: str = '',
                  progress: bool = True, ordered: bool = True) -> Iterator:
     """``map(func, items)`` in ``workers`` processes (in this one if 1) behind a tqdm progress bar.
 
-    Child processes are forked where the platform allows it, so they do not import torch again.
+    Items go to the workers in chunks (of 4 when there are many), at most ``4 * workers`` chunks in flight, so
+    results wait in memory only as long as the caller takes to use them. An error in a worker is raised here
+    once its item's turn comes; the items not yet started are dropped and the workers shut down before it
+    propagates. ``ordered=False`` yields results as they finish.
+    Workers do not fork this process (see :func:`_worker_context`), so a script that calls this with
+    ``workers > 1`` needs the usual ``if __name__ == '__main__':`` guard.
     """
     bar = tqdm(total=total, desc=desc, unit='img', disable=not progress, dynamic_ncols=True)
     try:
@@ -125,12 +148,46 @@ def parallel_map(func: Callable, items: Iterable, total: int, workers: int = 1, 
                 bar.update()
                 yield result
             return
-        methods = multiprocessing.get_all_start_methods()
-        context = multiprocessing.get_context('fork' if 'fork' in methods else None)
-        with context.Pool(workers) as pool:
-            mapper = pool.imap if ordered else pool.imap_unordered
-            for result in mapper(func, items, chunksize=4):
-                bar.update()
-                yield result
+        for result in _pooled(func, items, workers, ordered, chunk=max(1, min(4, total // (16 * workers)))):
+            bar.update()
+            yield result
     finally:
         bar.close()
+
+
+def _pooled(func: Callable, items: Iterable, workers: int, ordered: bool, chunk: int) -> Iterator:
+    # concurrent.futures rather than multiprocessing.Pool: Pool.terminate(), which leaving a ``with Pool`` block
+    # on an error runs, can hang for good when it stops a worker that holds the task queue's lock.
+    pool = ProcessPoolExecutor(workers, mp_context=_worker_context())
+    pending: deque[Future] = deque()
+    items = iter(items)
+
+    def submit_next() -> None:
+        batch = list(itertools.islice(items, chunk))
+        if batch:
+            pending.append(pool.submit(_apply, func, batch))
+
+    try:
+        for _ in range(4 * workers):
+            submit_next()
+        while pending:
+            if ordered:
+                future = pending.popleft()
+            else:
+                future = next(iter(wait(pending, return_when=FIRST_COMPLETED).done))
+                pending.remove(future)
+            try:
+                results = future.result()
+            except BrokenProcessPool:
+                raise DataPrepError('a worker process ended abruptly (killed, out of memory?); '
+                                    'rerun with fewer --workers') from None
+            submit_next()
+            yield from results
+    finally:
+        for future in pending:
+            future.cancel()
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _apply(func: Callable, batch: list) -> list:
+    return [func(item) for item in batch]

@@ -6,6 +6,8 @@ import gc
 import resource
 import shutil
 import signal
+import subprocess
+import sys
 
 import cv2
 import lmdb
@@ -320,3 +322,40 @@ def test_verify_reports_each_kind_of_problem(set5_subimages, data_dir, tmp_path,
     assert _run('verify', bench / 'HR', '--lq', lr_dir, '--scale', 3, '--modcrop', '--quiet') == 1
     assert "HR/head.png: no LR image with key 'head'" in capsys.readouterr().out
     assert _run('verify', tmp_path / 'missing.lmdb', '--quiet') == 1
+
+
+_POOL_SCRIPT = r'''
+import os, sys, tempfile
+import cv2, numpy as np, torch
+from ssiu_arch.datasets_lmdb.files import DataPrepError, parallel_map
+
+# Start torch's OpenMP pool and OpenCV's thread pool in this process, as a training or test process has.
+torch.set_num_threads(2)
+torch.nn.functional.conv2d(torch.randn(4, 32, 96, 96), torch.randn(32, 32, 3, 3), padding=1)
+cv2.resize(np.zeros((1024, 1024, 3), np.uint8), (1500, 1500))
+
+assert list(parallel_map(abs, range(-50, 0), 50, workers=2, progress=False)) == list(range(50, 0, -1))
+assert sorted(parallel_map(abs, range(-50, 0), 50, workers=2, progress=False, ordered=False)) == list(range(1, 51))
+items = [range(10**5)] * 9 + [['x', 1]] + [range(10**5)] * 60  # sum(['x', 1]) fails while others run
+for _ in range(60):
+    try:
+        list(parallel_map(sum, items, len(items), workers=2, progress=False))
+    except TypeError as err:
+        assert "'int' and 'str'" in str(err)
+    else:
+        raise AssertionError('no error')
+try:
+    list(parallel_map(os._exit, [3, 4], 2, workers=2, progress=False))
+except DataPrepError as err:
+    assert 'worker process ended abruptly' in str(err)
+else:
+    raise AssertionError('no error')
+print('ok')
+'''
+
+
+def test_worker_errors_stop_the_pool_without_hanging():
+    """A worker's error reaches the caller and the pool shuts down, every time, in a process whose torch and
+    OpenCV thread pools are running (forking such a process and terminating a multiprocessing.Pool hung)."""
+    done = subprocess.run([sys.executable, '-c', _POOL_SCRIPT], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == 'ok', done.stderr[-2000:]
