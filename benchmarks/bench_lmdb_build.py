@@ -24,6 +24,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 from ssiu_arch.datasets_lmdb import HROnlyBicubicDataset, build_lmdb, imresize, scan_image_set
+from ssiu_arch.datasets_lmdb.files import worker_cpu_seconds
 
 import ssiu_arch.models  # noqa: F401  (registers the datasets)
 
@@ -47,9 +48,10 @@ def make_subimages(folder: Path, count: int, size: int = 480, seed: int = 0) -> 
 
 
 def _cpu_seconds() -> float:
-    """CPU time of this process and of its finished children (the build's worker processes)."""
+    """CPU time of this process, of its finished children and of the build's worker processes (forkserver
+    children, counted by the tool itself)."""
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return time.process_time() + children.ru_utime + children.ru_stime
+    return time.process_time() + children.ru_utime + children.ru_stime + worker_cpu_seconds()
 
 
 def main() -> None:

@@ -5,6 +5,7 @@ import itertools
 import multiprocessing
 import os
 import re
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -20,6 +21,7 @@ from ssiu_arch.utils.fileio import write_bytes_atomic
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp', '.ppm', '.pgm')
 _SCALE_SUFFIX = re.compile(r'^(.*)x(\d+)$')
+_worker_cpu = [0.0]  # see worker_cpu_seconds()
 
 
 class DataPrepError(ValueError):
@@ -177,10 +179,11 @@ def _pooled(func: Callable, items: Iterable, workers: int, ordered: bool, chunk:
                 future = next(iter(wait(pending, return_when=FIRST_COMPLETED).done))
                 pending.remove(future)
             try:
-                results = future.result()
+                results, cpu = future.result()
             except BrokenProcessPool:
                 raise DataPrepError('a worker process ended abruptly (killed, out of memory?); '
                                     'rerun with fewer --workers') from None
+            _worker_cpu[0] += cpu
             submit_next()
             yield from results
     finally:
@@ -189,5 +192,13 @@ def _pooled(func: Callable, items: Iterable, workers: int, ordered: bool, chunk:
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _apply(func: Callable, batch: list) -> list:
-    return [func(item) for item in batch]
+def _apply(func: Callable, batch: list) -> tuple[list, float]:
+    start = time.process_time()
+    results = [func(item) for item in batch]
+    return results, time.process_time() - start
+
+
+def worker_cpu_seconds() -> float:
+    """CPU seconds that :func:`parallel_map`'s worker processes have spent on items so far, in this process's
+    lifetime. Forkserver children are not this process's, so its rusage does not count them."""
+    return _worker_cpu[0]
