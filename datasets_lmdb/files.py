@@ -5,6 +5,7 @@ import itertools
 import multiprocessing
 import os
 import re
+import signal
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -160,7 +161,7 @@ def parallel_map(func: Callable, items: Iterable, total: int, workers: int = 1, 
 def _pooled(func: Callable, items: Iterable, workers: int, ordered: bool, chunk: int) -> Iterator:
     # concurrent.futures rather than multiprocessing.Pool: Pool.terminate(), which leaving a ``with Pool`` block
     # on an error runs, can hang for good when it stops a worker that holds the task queue's lock.
-    pool = ProcessPoolExecutor(workers, mp_context=_worker_context())
+    pool = ProcessPoolExecutor(workers, mp_context=_worker_context(), initializer=_ignore_interrupts)
     pending: deque[Future] = deque()
     items = iter(items)
 
@@ -190,6 +191,11 @@ def _pooled(func: Callable, items: Iterable, workers: int, ordered: bool, chunk:
         for future in pending:
             future.cancel()
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _ignore_interrupts() -> None:
+    """Workers leave Ctrl-C to the parent, which stops the pool: they would each print a traceback."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _apply(func: Callable, batch: list) -> tuple[list, float]:

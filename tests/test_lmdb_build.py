@@ -325,7 +325,7 @@ def test_verify_reports_each_kind_of_problem(set5_subimages, data_dir, tmp_path,
 
 
 _POOL_SCRIPT = r'''
-import os, sys, tempfile
+import os, signal
 import cv2, numpy as np, torch
 from ssiu_arch.datasets_lmdb.files import DataPrepError, parallel_map
 
@@ -335,6 +335,8 @@ torch.nn.functional.conv2d(torch.randn(4, 32, 96, 96), torch.randn(32, 32, 3, 3)
 cv2.resize(np.zeros((1024, 1024, 3), np.uint8), (1500, 1500))
 
 assert list(parallel_map(abs, range(-50, 0), 50, workers=2, progress=False)) == list(range(50, 0, -1))
+# Ctrl-C reaches the whole process group: workers ignore it and the parent stops them.
+assert set(parallel_map(signal.getsignal, [signal.SIGINT] * 4, 4, workers=2, progress=False)) == {signal.SIG_IGN}
 assert sorted(parallel_map(abs, range(-50, 0), 50, workers=2, progress=False, ordered=False)) == list(range(1, 51))
 items = [range(10**5)] * 9 + [['x', 1]] + [range(10**5)] * 60  # sum(['x', 1]) fails while others run
 for _ in range(60):
