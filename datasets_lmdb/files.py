@@ -22,7 +22,7 @@ from ssiu_arch.utils.fileio import write_bytes_atomic
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp', '.ppm', '.pgm')
 _SCALE_SUFFIX = re.compile(r'^(.*)x(\d+)$')
-_worker_cpu = [0.0]  # see worker_cpu_seconds()
+_worker_cpu_seconds = 0.0  # see worker_cpu_seconds()
 
 
 class DataPrepError(ValueError):
@@ -161,6 +161,7 @@ def parallel_map(func: Callable, items: Iterable, total: int, workers: int = 1, 
 def _pooled(func: Callable, items: Iterable, workers: int, ordered: bool, chunk: int) -> Iterator:
     # concurrent.futures rather than multiprocessing.Pool: Pool.terminate(), which leaving a ``with Pool`` block
     # on an error runs, can hang for good when it stops a worker that holds the task queue's lock.
+    global _worker_cpu_seconds
     pool = ProcessPoolExecutor(workers, mp_context=_worker_context(), initializer=_ignore_interrupts)
     pending: deque[Future] = deque()
     items = iter(items)
@@ -184,12 +185,10 @@ def _pooled(func: Callable, items: Iterable, workers: int, ordered: bool, chunk:
             except BrokenProcessPool:
                 raise DataPrepError('a worker process ended abruptly (killed, out of memory?); '
                                     'rerun with fewer --workers') from None
-            _worker_cpu[0] += cpu
+            _worker_cpu_seconds += cpu
             submit_next()
             yield from results
     finally:
-        for future in pending:
-            future.cancel()
         pool.shutdown(wait=True, cancel_futures=True)
 
 
@@ -207,4 +206,4 @@ def _apply(func: Callable, batch: list) -> tuple[list, float]:
 def worker_cpu_seconds() -> float:
     """CPU seconds that :func:`parallel_map`'s worker processes have spent on items so far, in this process's
     lifetime. Forkserver children are not this process's, so its rusage does not count them."""
-    return _worker_cpu[0]
+    return _worker_cpu_seconds
