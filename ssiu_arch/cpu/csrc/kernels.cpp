@@ -79,9 +79,12 @@ inline __attribute__((always_inline)) float lanes_sum(Vec16 v) {
 
 // exp of 16 lanes of non-positive values (every use here: softmax and erf arguments): 2^n e^r with
 // n = round(x / ln 2) and a degree-6 polynomial on |r| <= ln(2) / 2 (Cephes' coefficients, within 2 ulp of expf).
-// Below -87.3 it returns exp(-87.3) ~ 1.6e-38, which vanishes in every sum it enters.
+// Below -87.3 it returns 0, not a value near the smallest normal float (exp(-87.3) ~ 1.6e-38): scaled by a
+// softmax's normalizer that would be a denormal, and every product that reads a denormal takes a microcode assist
+// (the attention backward's padded keys ran it several times slower).
 inline __attribute__((always_inline)) Vec16 exp16(Vec16 x) {
-  x = x < -87.3f ? Vec16{} - 87.3f : x;
+  const Int16 under = x < -87.3f;
+  x = under ? Vec16{} - 87.3f : x;
   const Vec16 n = (x * 1.44269504088896341f + 12582912.f) - 12582912.f;  // round to nearest
   Vec16 r = x - n * 0.693359375f;
   r = r + n * 2.12194440e-4f;
@@ -92,7 +95,8 @@ inline __attribute__((always_inline)) Vec16 exp16(Vec16 x) {
   poly = poly * r + 1.6666665459e-1f;
   poly = poly * r + 5.0000001201e-1f;
   poly = poly * r * r + r + 1.f;
-  return poly * bits_to_float((__builtin_convertvector(n, Int16) + 127) << 23);
+  const Vec16 e = poly * bits_to_float((__builtin_convertvector(n, Int16) + 127) << 23);
+  return under ? Vec16{} : e;
 }
 
 // Row or column j of a side of n after reflection at both ends (|overshoot| < n).
@@ -1479,17 +1483,23 @@ struct AttentionScratch {
 
 constexpr int64_t kKeyGroup = 8;  // keys whose dk and dv accumulate together over all queries
 
-SSIU_TARGETS void key_gradients(const AttentionScratch& s, int64_t queries, int64_t padded, int64_t dim, int64_t j0,
-                                int64_t d0, Vec16* dk, Vec16* dv) {
-  for (int64_t jj = 0; jj < kKeyGroup; ++jj) dk[jj] = dv[jj] = Vec16{};
+// The sums run in local accumulators, stored once at the end: accumulating through the dk and dv pointers
+// kept them in memory (the compiler cannot rule out aliasing), a store-to-load chain per multiply-add.
+SSIU_TARGETS void key_gradients(const AttentionScratch& s, int64_t queries, int64_t padded, int64_t j0, int64_t d0,
+                                Vec16* dk, Vec16* dv) {
+  Vec16 sk[kKeyGroup] = {}, sv[kKeyGroup] = {};
   for (int64_t i = 0; i < queries; ++i) {
     const Vec16 q = load16(s.q[i] + d0), o = load16(s.dout[i] + d0);
     const float* ds = s.dprobs.data() + i * padded + j0;
     const float* p = s.probs.data() + i * padded + j0;
     for (int64_t jj = 0; jj < kKeyGroup; ++jj) {
-      dk[jj] += ds[jj] * q;
-      dv[jj] += p[jj] * o;
+      sk[jj] += ds[jj] * q;
+      sv[jj] += p[jj] * o;
     }
+  }
+  for (int64_t jj = 0; jj < kKeyGroup; ++jj) {
+    dk[jj] = sk[jj];
+    dv[jj] = sv[jj];
   }
 }
 
@@ -1564,7 +1574,7 @@ SSIU_TARGETS void attend_head_backward(const float* qkv, const float* grad, cons
       for (int64_t j0 = 0; j0 < n_keys; j0 += kKeyGroup) {
         for (int64_t d0 = 0; d0 < dim; d0 += 16) {
           Vec16 dk[kKeyGroup], dv[kKeyGroup];
-          key_gradients(s, queries, padded, dim, j0, d0, dk, dv);
+          key_gradients(s, queries, padded, j0, d0, dk, dv);
           for (int64_t jj = 0; jj < kKeyGroup && j0 + jj < n_keys; ++jj) {
             const int64_t j = j0 + jj, y = by * block - halo + j / window, x = bx * block - halo + j % window;
             const Vec16 k = dk[jj] * scale;
