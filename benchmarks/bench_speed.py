@@ -6,9 +6,9 @@ with glibc malloc left at its defaults and tuned to retain freed memory. ``--map
 twice, with whole feature maps and with 8 MiB row bands (by default SSIU's CPU inference engine chooses: bands above
 32 MiB maps, above 128 MiB where freed memory is retained; ``ssiu_arch.cpu.engine.ENGINE``).
 Each inference case also times ``--precision bf16`` passes interleaved with the float32 ones in the same process
-(bfloat16 CPU autocast through the engine's bfloat16 kernels, or the float32 fallback on a CPU without native
-bfloat16): the bf16 latency and the median bf16/fp32 ratio of the pairs, printed side by side, against the
-targets of at most 0.5 at x4 320x180 and x2 640x360. For scale, on a CPU with native bfloat16 it also prints
+(bfloat16 CPU autocast through the engine's bfloat16 kernels, or the float32 fallback on a CPU where bfloat16
+products are not faster): the bf16 latency and the median bf16/fp32 ratio of the pairs, printed side by side,
+against the targets of at most 0.5 at x4 320x180 and x2 640x360. For scale, on a CPU with native bfloat16 it also prints
 the bfloat16/float32 rate of oneDNN's own matrix products (``torch.mm``) of a 2048 square and of the network's
 shape (a 320x192 map of 64 channels times 64x64): the latency ratio that products alone could reach. The training
 step is one forward + backward of an x2 batch of 8 LR patches of 64x64.

@@ -53,15 +53,26 @@ def test_cpu_flags_read_from_cpuinfo(tmp_path):
     assert 'native bf16: ' in cpu_features.describe_cpu()
 
 
-@pytest.mark.parametrize('requested, native, engine, expected, notice', [
-    ('fp32', False, False, 'fp32', None),
-    ('bf16', False, True, 'fp32', 'no native bfloat16'),
-    ('bf16', None, True, 'fp32', 'no native bfloat16'),  # unknown CPU: never risk running slower
-    ('bf16', True, False, 'fp32', 'bfloat16 CPU kernels cannot run'),
-    ('bf16', True, True, 'bf16', None),
+def test_bf16_product_speedup_is_measured_where_the_cpu_has_bf16():
+    speedup = cpu_features.bf16_product_speedup()
+    assert (speedup is None) == (not cpu_features.native_bf16())
+    if speedup is not None:
+        assert 0.05 < speedup < 50  # a ratio of two timings of the same product, not a flag
+        assert f'bf16 products {speedup:.2f}x the float32 rate' in cpu_features.describe_cpu()
+        assert cpu_features.bf16_pays() == (speedup >= cpu_features.BF16_MIN_SPEEDUP)
+
+
+@pytest.mark.parametrize('requested, native, speedup, engine, expected, notice', [
+    ('fp32', False, None, False, 'fp32', None),
+    ('bf16', False, None, True, 'fp32', 'no native bfloat16'),
+    ('bf16', None, None, True, 'fp32', 'no native bfloat16'),  # unknown CPU: never risk running slower
+    ('bf16', True, 0.57, True, 'fp32', 'bfloat16 products run at 0.57x the float32 rate'),  # Xeon, AMX hidden
+    ('bf16', True, 2.1, False, 'fp32', 'bfloat16 CPU kernels cannot run'),
+    ('bf16', True, 2.1, True, 'bf16', None),
 ])
-def test_cpu_bf16_falls_back_unless_it_pays(monkeypatch, requested, native, engine, expected, notice):
+def test_cpu_bf16_falls_back_unless_it_pays(monkeypatch, requested, native, speedup, engine, expected, notice):
     monkeypatch.setattr(precision, 'native_bf16', lambda: native)
+    monkeypatch.setattr(precision, 'bf16_product_speedup', lambda: speedup)
     monkeypatch.setattr(precision.kernels, 'bf16_available', lambda: engine)
     got, message = resolve_precision(requested, 'cpu')
     assert got == expected
@@ -69,10 +80,10 @@ def test_cpu_bf16_falls_back_unless_it_pays(monkeypatch, requested, native, engi
 
 
 def test_cpu_bf16_follows_the_engine_kernels(monkeypatch):
-    """On this machine: bf16 runs exactly where the CPU has native bfloat16 and the engine's kernels can use it;
-    SSIU_NO_BF16 turns them off, and bf16 then runs float32 with a notice."""
+    """On this machine: bf16 runs exactly where the CPU's bfloat16 products pay and the engine's kernels can use
+    them; SSIU_NO_BF16 turns them off, and bf16 then runs float32 with a notice."""
     got, message = resolve_precision('bf16', 'cpu')
-    assert (got == 'bf16') == (bool(cpu_features.native_bf16()) and precision.kernels.bf16_available())
+    assert (got == 'bf16') == (cpu_features.bf16_pays() and precision.kernels.bf16_available())
     monkeypatch.setenv('SSIU_NO_BF16', '1')
     got, message = resolve_precision('bf16', 'cpu')
     assert got == 'fp32' and message

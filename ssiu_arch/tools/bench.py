@@ -8,7 +8,7 @@ divides the network's multiply-adds per second by those of a dense float32 2048x
 same process just before each pass, so that it compares the network with what the machine reaches at
 the moment of the measurement (on a shared machine both slow down together). With ``bf16``, each timed
 float32 pass is followed by one under ``--precision bf16`` (bfloat16 CPU autocast, or its float32 fallback
-where the CPU lacks native bfloat16): ``bf16_latency_ms`` is their median and ``bf16_ratio`` the median of the
+where bfloat16 does not pay on this CPU): ``bf16_latency_ms`` is their median and ``bf16_ratio`` the median of the
 pairs' latency ratios, measured side by side so that a shared machine's load affects both alike.
 
 By default each case first calls :func:`ssiu_arch.cpu.memory.retain_freed_memory`: eager PyTorch allocates
