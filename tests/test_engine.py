@@ -313,7 +313,7 @@ TRAINABLE = {
 }
 
 
-KERNEL_NODES = {'HaloAttentionBackward', 'GeluGateBackward', 'DepthwiseReflectBackward', 'ConvAddBackward',
+KERNEL_NODES = {'HaloAttentionBackward', 'GeluGateBackward', 'DepthwiseReflectBackward', 'Conv1x1Backward',
                 'UpsampleUpdateBackward'}
 
 

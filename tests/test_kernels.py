@@ -152,6 +152,41 @@ def test_depthwise_reflect_backward_refuses_bad_input():
         torch.ops.ssiu.depthwise_reflect_backward(x[:, :2], x[:, :2], torch.randn(32, 1, 5, 5))
 
 
+@pytest.mark.parametrize('pixels, c_in, c_out', [(8 * 33 * 17, 64, 64), (4099, 48, 192), (130, 80, 5), (3, 16, 7),
+                                                  (20000, 32, 13)])
+@pytest.mark.parametrize('threads', [1, 2])
+def test_linear_weight_grad_is_the_convolution_weight_and_bias_gradient(pixels, c_in, c_out, threads):
+    """Every column width (1-4 vectors of 16, and past 64), row tiles of 6 and their remainders, chunks of 64 rows
+    and their remainder, one partial sum per thread: against float64."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        x, g = torch.randn(pixels, c_in), torch.randn(pixels, c_out)
+        dw, db = torch.ops.ssiu.linear_weight_grad(g, x)
+    finally:
+        torch.set_num_threads(saved)
+    ref_w, ref_b = g.double().t() @ x.double(), g.double().sum(0)
+    assert dw.shape == (c_out, c_in) and db.shape == (c_out,)
+    assert (dw.double() - ref_w).norm() <= 5e-6 * ref_w.norm()  # float32 sums of thousands of terms
+    assert (db.double() - ref_b).abs().max() <= 1e-5 * ref_b.abs().max()
+    # the NCHW wrapper reads channels-last maps in place and copies other layouts
+    maps = x[:8 * 33 * 17].view(8, 33, 17, c_in).permute(0, 3, 1, 2) if pixels == 8 * 33 * 17 else None
+    if maps is not None:
+        grads = g.view(8, 33, 17, c_out).permute(0, 3, 1, 2)
+        for a, b in ((maps, grads), (maps.contiguous(), grads.contiguous())):
+            got_w, got_b = kernels.linear_weight_grad(b, a)
+            assert torch.allclose(got_w, dw, atol=1e-3) and torch.allclose(got_b, db, atol=1e-3)
+
+
+def test_linear_weight_grad_refuses_bad_input():
+    with pytest.raises(RuntimeError, match='multiple of 16'):
+        torch.ops.ssiu.linear_weight_grad(torch.randn(10, 4), torch.randn(10, 24))
+    with pytest.raises(RuntimeError, match='same rows'):
+        torch.ops.ssiu.linear_weight_grad(torch.randn(10, 4), torch.randn(11, 16))
+    with pytest.raises(RuntimeError, match='float32'):
+        torch.ops.ssiu.linear_weight_grad(torch.randn(10, 4).double(), torch.randn(10, 16).double())
+
+
 def test_gelu_gate_and_its_backward_match_autograd():
     h = (torch.randn(2, 7, 5, 32) * 4).requires_grad_()  # GELU's whole range, tails included
     u = torch.randn(2, 7, 5, 32).requires_grad_()

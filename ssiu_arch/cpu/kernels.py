@@ -150,3 +150,14 @@ def gelu_product_bf16(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: t
     :func:`bf16_available`). ``x`` is a channels-last float32 map (..., C_in); ``w1`` (C_1, C_in), ``w2`` (N, C_2);
     the intermediate map exists only in cache-sized blocks."""
     return torch.ops.ssiu.gelu_product_bf16(x, w1, b1, w2)
+
+
+def linear_weight_grad(grad: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight (C_out, C_in) and bias (C_out) gradients of a 1x1 convolution from its output's gradient ``grad``
+    (B, C_out, H, W) and its input ``x`` (B, C_in, H, W), float32, C_in a multiple of 16: ``grad^T x`` and the sums
+    of ``grad`` over pixels, in one pass over both maps (channels-last memory is read in place, other layouts are
+    copied to it first)."""
+    def rows(t: torch.Tensor) -> torch.Tensor:
+        return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
+
+    return torch.ops.ssiu.linear_weight_grad(rows(grad), rows(x))

@@ -11,13 +11,14 @@ PyTorch form is many small passes over the maps, computed here by kernels with t
   PyTorch makes two and three;
 - the reflect-padded depthwise convolutions of MSGM and ESAM (:class:`DepthwiseReflect`): no padded copy of the
   map forward, and one pass backward for the input, weight and bias gradients;
-- the residual sums after MSGM_1, MSGM_4 and MSGM_ffn, in the output convolution's oneDNN epilogue
-  (:class:`ConvAdd`), and ``v + ESAM(v) - b`` with ESAM's upsampling in one pass (:class:`UpsampleUpdate`).
+- the 1x1 convolutions of MSGM and ESAM's qkv projection (:class:`Conv1x1`): oneDNN's convolution forward and
+  input gradient, the weight and bias gradients in one kernel pass, and the residual sums after MSGM_1, MSGM_4 and
+  MSGM_ffn in the output convolution's oneDNN epilogue;
+- ``v + ESAM(v) - b`` with ESAM's upsampling in one pass (:class:`UpsampleUpdate`).
 
-The 1x1 convolutions, LayerNorm, pooling, the head, the MoE-FS and the tail are the modules' own calls (or, for
-the three convolutions with a sum, the same oneDNN convolution and its backward), so those parameters get their
-gradients from the same operators as in the reference. ``tests/test_engine.py`` checks
-outputs and gradients against the reference forward.
+LayerNorm, pooling, the head, the MoE-FS and the tail are the modules' own calls, so those parameters get their
+gradients from the same operators as in the reference. ``tests/test_engine.py`` checks outputs and gradients
+against the reference forward.
 """
 from __future__ import annotations
 
@@ -27,8 +28,9 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from ssiu_arch.archs.ssiu_arch import ESAM, MSGM, SSIU, SSRMStep, pad_to_multiple
+from ssiu_arch.cpu import kernels
 
-__all__ = ['ConvAdd', 'DepthwiseReflect', 'GeluGate', 'HaloAttention', 'UpsampleUpdate', 'forward', 'supported']
+__all__ = ['Conv1x1', 'DepthwiseReflect', 'GeluGate', 'HaloAttention', 'UpsampleUpdate', 'forward', 'supported']
 
 # Kernel limits of the attention's backward pass: heads of 16, 32, ... 128 channels, windows of at most 128 keys.
 MAX_HEAD_DIM = 128
@@ -72,12 +74,18 @@ class DepthwiseReflect(torch.autograd.Function):
         return torch.ops.ssiu.depthwise_reflect_backward(grad.contiguous(), x, weight)
 
 
-class ConvAdd(torch.autograd.Function):
-    """``conv(x) + other`` for a 1x1 convolution of channels-last NCHW maps, the sum in oneDNN's epilogue."""
+class Conv1x1(torch.autograd.Function):
+    """``conv(x)``, or ``conv(x) + other`` with the sum in oneDNN's epilogue, for a 1x1 convolution of channels-last
+    NCHW maps. Forward and the input's gradient are oneDNN's; the weight's and bias's gradients come from one
+    pass of :func:`ssiu_arch.cpu.kernels.linear_weight_grad`, faster than oneDNN's weight gradient on these maps."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, other: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                other: torch.Tensor | None) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        if other is None:
+            return F.conv2d(x, weight, bias)
         return torch.ops.mkldnn._convolution_pointwise.binary(x, other, weight, bias, [0, 0], [1, 1], [1, 1], 1, 'add',
                                                               None, None, [], None)
 
@@ -85,11 +93,21 @@ class ConvAdd(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad: torch.Tensor):
         x, weight = ctx.saved_tensors
-        needs_x, _, needs_weight, needs_bias = ctx.needs_input_grad
-        dx, dweight, dbias = torch.ops.aten.convolution_backward(
-            grad, x, weight, [weight.shape[0]], [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
-            [needs_x, needs_weight, needs_bias])
-        return dx, grad, dweight, dbias
+        needs_x, needs_weight, needs_bias, needs_other = ctx.needs_input_grad
+        needs_bias = needs_bias and ctx.has_bias
+        dx = dweight = dbias = None
+        if needs_x:
+            dx = torch.ops.aten.convolution_backward(grad, x, weight, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
+                                                     [True, False, False])[0]
+        if needs_weight or needs_bias:
+            if x.shape[1] % 16:  # the kernel's rows are whole vectors of 16 channels
+                _, dweight, dbias = torch.ops.aten.convolution_backward(
+                    grad, x, weight, [weight.shape[0]] if needs_bias else None, [1, 1], [0, 0], [1, 1], False, [0, 0],
+                    1, [False, True, needs_bias])
+            else:
+                dweight, dbias = kernels.linear_weight_grad(grad, x)
+                dweight = dweight.view_as(weight)
+        return dx, dweight if needs_weight else None, dbias if needs_bias else None, grad if needs_other else None
 
 
 class UpsampleUpdate(torch.autograd.Function):
@@ -147,17 +165,21 @@ def depthwise(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     return DepthwiseReflect.apply(x.permute(0, 2, 3, 1), conv.weight, conv.bias).permute(0, 3, 1, 2)
 
 
+def conv1x1(conv: nn.Conv2d, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
+    """``conv(x)`` (plus ``add``) for a 1x1 convolution of a channels-last NCHW map (:class:`Conv1x1`)."""
+    return Conv1x1.apply(x, conv.weight, conv.bias, add)
+
+
 def msgm(m: MSGM, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
     """:meth:`MSGM.forward` (plus ``add``), its depthwise convolution and gate kernels."""
     w2, dw, w3 = m.project_in2
-    gate = GeluGate.apply(m.project_in1(x), w3(depthwise(dw, w2(x))))
-    out = m.project_out
-    return out(gate) if add is None else ConvAdd.apply(gate, add, out.weight, out.bias)
+    gate = GeluGate.apply(conv1x1(m.project_in1, x), conv1x1(w3, depthwise(dw, conv1x1(w2, x))))
+    return conv1x1(m.project_out, gate, add)
 
 
 def esam_update(m: ESAM, v: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``v + ESAM(v) - b`` (:meth:`ESAM.forward`), its attention one kernel and its upsampling fused with the sums."""
-    qkv = m.qkv_conv(m.pool(v)).permute(0, 2, 3, 1)  # (B, h, w, 3 C): the memory of the channels-last map
+    qkv = conv1x1(m.qkv_conv, m.pool(v)).permute(0, 2, 3, 1)  # (B, h, w, 3 C): the channels-last map's memory
     window = m.block_size + 2 * m.halo
     embedding = m.key_embedding().view(window, window, -1)
     out = HaloAttention.apply(qkv, embedding, m.num_heads, m.block_size, m.halo).permute(0, 3, 1, 2)
