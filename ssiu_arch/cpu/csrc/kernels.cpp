@@ -901,47 +901,57 @@ at::Tensor depthwise_reflect(const at::Tensor& x, const at::Tensor& weight, cons
   return out;
 }
 
-// Gradients of a K x K reflect-padded depthwise convolution of one image, 16 channels from `ch`, from the output's
-// gradient g (n, width, c). Each input pixel gathers the output gradients its taps reach without padding (no
-// read-modify-write of dx); then the taps that the reflection sent back into the map add their part at the
-// border. The taps' and bias's gradients accumulate in registers (dtaps: (K * K, c)). cols: the reflected column
-// of each (output column, kx).
+// Gradients of a K x K reflect-padded depthwise convolution of one image, channels [c0, c1) (blocks of 16), from
+// the output's gradient g (n, width, c). Each input pixel gathers the output gradients its taps reach without
+// padding (no read-modify-write of dx); then the taps that the reflection sent back into the map add their part at
+// the border. Rows go in tiles of 16 pixels, and each tile passes every channel block before the next tile: the
+// K input and K gradient rows of a tile then stay in L1 and every cache line read is used whole (walking a whole
+// row per channel block used a quarter of each line and ran several times slower). The taps' and bias's gradients
+// accumulate in registers over a tile (dtaps: (K * K, c), dbias: (c), both summed into). cols: the reflected
+// column of each (output column, kx).
 template <int64_t K>
 SSIU_TARGETS void depthwise_backward_channels(const float* x, const float* g, int64_t n, int64_t width, int64_t c,
-                                              int64_t ch, const float* taps, const int64_t* cols, float* dx,
-                                              float* dtaps, float* dbias) {
-  constexpr int64_t p = K / 2;
-  Vec16 w[K * K], dw[K * K], db{};
-  for (int64_t t = 0; t < K * K; ++t) w[t] = load16(taps + t * c + ch), dw[t] = Vec16{};
+                                              int64_t c0, int64_t c1, const float* taps, const int64_t* cols,
+                                              float* dx, float* dtaps, float* dbias) {
+  constexpr int64_t p = K / 2, kTile = 16;
   const int64_t row = width * c;
   for (int64_t y = 0; y < n; ++y) {
     const float* src[K];   // input rows the taps of output row y read (reflected)
     const float* grad[K];  // output rows whose taps reach input row y (nullptr: outside the map)
     for (int64_t k = 0; k < K; ++k) {
-      src[k] = x + reflect(y + k - p, n) * row + ch;
+      src[k] = x + reflect(y + k - p, n) * row;
       const int64_t yo = y - k + p;
-      grad[k] = yo >= 0 && yo < n ? g + yo * row + ch : nullptr;
+      grad[k] = yo >= 0 && yo < n ? g + yo * row : nullptr;
     }
-    for (int64_t xi = 0; xi < width; ++xi) {
-      const Vec16 gv = load16(g + y * row + xi * c + ch);
-      db += gv;
-      Vec16 acc{};
-      if (xi >= p && xi + p < width) {
-        for (int64_t k = 0; k < K; ++k) {
-          for (int64_t kx = 0; kx < K; ++kx) dw[k * K + kx] += gv * load16(src[k] + (xi - p + kx) * c);
-          if (grad[k] == nullptr) continue;
-          for (int64_t kx = 0; kx < K; ++kx) acc += w[k * K + kx] * load16(grad[k] + (xi + p - kx) * c);
-        }
-      } else {
-        for (int64_t k = 0; k < K; ++k) {
-          for (int64_t kx = 0; kx < K; ++kx) {
-            dw[k * K + kx] += gv * load16(src[k] + cols[xi * K + kx] * c);
-            const int64_t xo = xi + p - kx;
-            if (grad[k] != nullptr && xo >= 0 && xo < width) acc += w[k * K + kx] * load16(grad[k] + xo * c);
+    for (int64_t x0 = 0; x0 < width; x0 += kTile) {
+      const int64_t x1 = std::min(width, x0 + kTile);
+      for (int64_t ch = c0; ch < c1; ch += 16) {
+        Vec16 w[K * K], dw[K * K], db = load16(dbias + ch);
+        for (int64_t t = 0; t < K * K; ++t) w[t] = load16(taps + t * c + ch), dw[t] = load16(dtaps + t * c + ch);
+        for (int64_t xi = x0; xi < x1; ++xi) {
+          const Vec16 gv = load16(g + y * row + xi * c + ch);
+          db += gv;
+          Vec16 acc{};
+          if (xi >= p && xi + p < width) {
+            for (int64_t k = 0; k < K; ++k) {
+              for (int64_t kx = 0; kx < K; ++kx) dw[k * K + kx] += gv * load16(src[k] + (xi - p + kx) * c + ch);
+              if (grad[k] == nullptr) continue;
+              for (int64_t kx = 0; kx < K; ++kx) acc += w[k * K + kx] * load16(grad[k] + (xi + p - kx) * c + ch);
+            }
+          } else {
+            for (int64_t k = 0; k < K; ++k) {
+              for (int64_t kx = 0; kx < K; ++kx) {
+                dw[k * K + kx] += gv * load16(src[k] + cols[xi * K + kx] * c + ch);
+                const int64_t xo = xi + p - kx;
+                if (grad[k] != nullptr && xo >= 0 && xo < width) acc += w[k * K + kx] * load16(grad[k] + xo * c + ch);
+              }
+            }
           }
+          store16(dx + y * row + xi * c + ch, acc);
         }
+        for (int64_t t = 0; t < K * K; ++t) store16(dtaps + t * c + ch, dw[t]);
+        store16(dbias + ch, db);
       }
-      store16(dx + y * row + xi * c + ch, acc);
     }
   }
   for (int64_t yo = 0; yo < n; ++yo) {  // the border's reflected taps
@@ -951,24 +961,24 @@ SSIU_TARGETS void depthwise_backward_channels(const float* x, const float* g, in
         xo = width - p - 1;  // skip to the right border
         continue;
       }
-      const Vec16 gv = load16(g + yo * row + xo * c + ch);
-      for (int64_t ky = 0; ky < K; ++ky) {
-        const int64_t ys = yo + ky - p;
-        for (int64_t kx = 0; kx < K; ++kx) {
-          const int64_t xs = xo + kx - p;
-          if (ys >= 0 && ys < n && xs >= 0 && xs < width) continue;
-          float* d = dx + reflect(ys, n) * row + reflect(xs, width) * c + ch;
-          store16(d, load16(d) + w[ky * K + kx] * gv);
+      for (int64_t ch = c0; ch < c1; ch += 16) {
+        const Vec16 gv = load16(g + yo * row + xo * c + ch);
+        for (int64_t ky = 0; ky < K; ++ky) {
+          const int64_t ys = yo + ky - p;
+          for (int64_t kx = 0; kx < K; ++kx) {
+            const int64_t xs = xo + kx - p;
+            if (ys >= 0 && ys < n && xs >= 0 && xs < width) continue;
+            float* d = dx + reflect(ys, n) * row + reflect(xs, width) * c + ch;
+            store16(d, load16(d) + load16(taps + (ky * K + kx) * c + ch) * gv);
+          }
         }
       }
     }
   }
-  for (int64_t t = 0; t < K * K; ++t) store16(dtaps + t * c + ch, dw[t]);
-  store16(dbias + ch, db);
 }
 
-using DepthwiseBackward = void (*)(const float*, const float*, int64_t, int64_t, int64_t, int64_t, const float*,
-                                   const int64_t*, float*, float*, float*);
+using DepthwiseBackward = void (*)(const float*, const float*, int64_t, int64_t, int64_t, int64_t, int64_t,
+                                   const float*, const int64_t*, float*, float*, float*);
 
 DepthwiseBackward depthwise_backward_kernel(int64_t k) {
   switch (k) {
@@ -1004,19 +1014,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> depthwise_reflect_backward(const 
     for (int64_t kx = 0; kx < k; ++kx) cols[xo * k + kx] = reflect(xo + kx - p, width);
   }
   at::Tensor dx = at::empty_like(input);
-  at::Tensor dtaps = at::empty({batch, k * k, c}, input.options()), dbias = at::empty({batch, c}, input.options());
+  at::Tensor dtaps = at::zeros({batch, k * k, c}, input.options()), dbias = at::zeros({batch, c}, input.options());
   const float* x_data = input.data_ptr<float>();
   const float* g_data = g.data_ptr<float>();
   const float* tap_data = taps.data_ptr<float>();
   float* dx_data = dx.data_ptr<float>();
   float* dtap_data = dtaps.data_ptr<float>();
   float* dbias_data = dbias.data_ptr<float>();
+  // One task per image, or per (image, run of channel blocks) where there are fewer images than threads; tasks
+  // write disjoint channels of an image.
   const int64_t image = n * width * c, blocks = c / 16;
-  at::parallel_for(0, batch * blocks, 1, [&](int64_t begin, int64_t end) {  // tasks write disjoint channels
+  const int64_t groups = std::min(blocks, std::max<int64_t>(1, (at::get_num_threads() + batch - 1) / batch));
+  at::parallel_for(0, batch * groups, 1, [&](int64_t begin, int64_t end) {
     for (int64_t index = begin; index < end; ++index) {
-      const int64_t b = index / blocks, ch = index % blocks * 16;
-      kernel(x_data + b * image, g_data + b * image, n, width, c, ch, tap_data, cols.data(), dx_data + b * image,
-             dtap_data + b * k * k * c, dbias_data + b * c);
+      const int64_t b = index / groups, group = index % groups;
+      const int64_t c0 = blocks * group / groups * 16, c1 = blocks * (group + 1) / groups * 16;
+      kernel(x_data + b * image, g_data + b * image, n, width, c, c0, c1, tap_data, cols.data(),
+             dx_data + b * image, dtap_data + b * k * k * c, dbias_data + b * c);
     }
   });
   return {dx, dtaps.sum(0).t().reshape({c, 1, k, k}), dbias.sum(0)};
