@@ -155,36 +155,49 @@ def test_depthwise_reflect_backward_refuses_bad_input():
 @pytest.mark.parametrize('pixels, c_in, c_out', [(8 * 33 * 17, 64, 64), (4099, 48, 192), (130, 80, 5), (3, 16, 7),
                                                   (20000, 32, 13)])
 @pytest.mark.parametrize('threads', [1, 2])
-def test_linear_weight_grad_is_the_convolution_weight_and_bias_gradient(pixels, c_in, c_out, threads):
+def test_linear_backward_is_the_gradient_of_a_linear_map(pixels, c_in, c_out, threads):
     """Every column width (1-4 vectors of 16, and past 64), row tiles of 6 and their remainders, chunks of 64 rows
     and their remainder, one partial sum per thread: against float64."""
     saved = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        x, g = torch.randn(pixels, c_in), torch.randn(pixels, c_out)
-        dw, db = torch.ops.ssiu.linear_weight_grad(g, x)
+        x, g, w = torch.randn(pixels, c_in), torch.randn(pixels, c_out), torch.randn(c_out, c_in)
+        dx, dw, db = torch.ops.ssiu.linear_backward(g, x, w)
+        no_dx, dw_alone, _ = torch.ops.ssiu.linear_backward(g, x, None)
     finally:
         torch.set_num_threads(saved)
-    ref_w, ref_b = g.double().t() @ x.double(), g.double().sum(0)
-    assert dw.shape == (c_out, c_in) and db.shape == (c_out,)
+    ref_x, ref_w, ref_b = g.double() @ w.double(), g.double().t() @ x.double(), g.double().sum(0)
+    assert dx.shape == (pixels, c_in) and dw.shape == (c_out, c_in) and db.shape == (c_out,)
+    assert (dx.double() - ref_x).abs().max() <= 1e-5 * ref_x.abs().max()
     assert (dw.double() - ref_w).norm() <= 5e-6 * ref_w.norm()  # float32 sums of thousands of terms
     assert (db.double() - ref_b).abs().max() <= 1e-5 * ref_b.abs().max()
-    # the NCHW wrapper reads channels-last maps in place and copies other layouts
-    maps = x[:8 * 33 * 17].view(8, 33, 17, c_in).permute(0, 3, 1, 2) if pixels == 8 * 33 * 17 else None
-    if maps is not None:
-        grads = g.view(8, 33, 17, c_out).permute(0, 3, 1, 2)
-        for a, b in ((maps, grads), (maps.contiguous(), grads.contiguous())):
-            got_w, got_b = kernels.linear_weight_grad(b, a)
-            assert torch.allclose(got_w, dw, atol=1e-3) and torch.allclose(got_b, db, atol=1e-3)
+    assert no_dx is None and torch.equal(dw_alone, dw)
 
 
-def test_linear_weight_grad_refuses_bad_input():
+def test_conv1x1_backward_is_the_convolution_gradient():
+    """The NCHW wrapper: channels-last maps read in place, other layouts copied; against oneDNN's backward."""
+    x = torch.randn(3, 32, 11, 9).contiguous(memory_format=torch.channels_last)
+    g = torch.randn(3, 24, 11, 9).contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(24, 32, 1, 1)
+    ref = torch.ops.aten.convolution_backward(g, x, weight, [24], [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
+                                              [True, True, True])
+    for a, b in ((x, g), (x.contiguous(), g.contiguous())):
+        dx, dweight, dbias = kernels.conv1x1_backward(b, a, weight)
+        assert dx.shape == x.shape and dx.is_contiguous(memory_format=torch.channels_last)
+        for got, expected in zip((dx, dweight.view_as(weight), dbias), ref):
+            assert (got - expected).abs().max() <= 1e-4
+    assert kernels.conv1x1_backward(g, x, None)[0] is None
+
+
+def test_linear_backward_refuses_bad_input():
     with pytest.raises(RuntimeError, match='multiple of 16'):
-        torch.ops.ssiu.linear_weight_grad(torch.randn(10, 4), torch.randn(10, 24))
+        torch.ops.ssiu.linear_backward(torch.randn(10, 4), torch.randn(10, 24), None)
     with pytest.raises(RuntimeError, match='same rows'):
-        torch.ops.ssiu.linear_weight_grad(torch.randn(10, 4), torch.randn(11, 16))
+        torch.ops.ssiu.linear_backward(torch.randn(10, 4), torch.randn(11, 16), None)
     with pytest.raises(RuntimeError, match='float32'):
-        torch.ops.ssiu.linear_weight_grad(torch.randn(10, 4).double(), torch.randn(10, 16).double())
+        torch.ops.ssiu.linear_backward(torch.randn(10, 4).double(), torch.randn(10, 16).double(), None)
+    with pytest.raises(RuntimeError, match='weight must be'):
+        torch.ops.ssiu.linear_backward(torch.randn(10, 4), torch.randn(10, 16), torch.randn(16, 4))
 
 
 def test_gelu_gate_and_its_backward_match_autograd():

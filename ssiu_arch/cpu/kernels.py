@@ -152,12 +152,18 @@ def gelu_product_bf16(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: t
     return torch.ops.ssiu.gelu_product_bf16(x, w1, b1, w2)
 
 
-def linear_weight_grad(grad: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Weight (C_out, C_in) and bias (C_out) gradients of a 1x1 convolution from its output's gradient ``grad``
-    (B, C_out, H, W) and its input ``x`` (B, C_in, H, W), float32, C_in a multiple of 16: ``grad^T x`` and the sums
-    of ``grad`` over pixels, in one pass over both maps (channels-last memory is read in place, other layouts are
-    copied to it first)."""
+def conv1x1_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None
+                     ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """Gradients of a 1x1 convolution from its output's gradient ``grad`` (B, C_out, H, W) and its input ``x``
+    (B, C_in, H, W), float32, C_in a multiple of 16: the input's (B, C_in, H, W) in channels-last memory where
+    ``weight`` (C_out, C_in, 1, 1) is given (else None), the weight's (C_out, C_in) and the bias's (C_out), in one
+    pass over both maps (channels-last memory is read in place, other layouts are copied to it first)."""
     def rows(t: torch.Tensor) -> torch.Tensor:
         return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
 
-    return torch.ops.ssiu.linear_weight_grad(rows(grad), rows(x))
+    flat = None if weight is None else weight.reshape(weight.shape[0], -1)
+    dx, dweight, dbias = torch.ops.ssiu.linear_backward(rows(grad), rows(x), flat)
+    if dx is not None:
+        b, _, h, w = x.shape
+        dx = dx.view(b, h, w, -1).permute(0, 3, 1, 2)
+    return dx, dweight, dbias

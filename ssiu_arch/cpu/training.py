@@ -76,8 +76,8 @@ class DepthwiseReflect(torch.autograd.Function):
 
 class Conv1x1(torch.autograd.Function):
     """``conv(x)``, or ``conv(x) + other`` with the sum in oneDNN's epilogue, for a 1x1 convolution of channels-last
-    NCHW maps. Forward and the input's gradient are oneDNN's; the weight's and bias's gradients come from one
-    pass of :func:`ssiu_arch.cpu.kernels.linear_weight_grad`, faster than oneDNN's weight gradient on these maps."""
+    NCHW maps. Forward is oneDNN's; the backward is one pass of :func:`ssiu_arch.cpu.kernels.conv1x1_backward`
+    over the output's gradient and the input, faster than oneDNN's backward on these maps."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -95,18 +95,13 @@ class Conv1x1(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         needs_x, needs_weight, needs_bias, needs_other = ctx.needs_input_grad
         needs_bias = needs_bias and ctx.has_bias
-        dx = dweight = dbias = None
-        if needs_x:
-            dx = torch.ops.aten.convolution_backward(grad, x, weight, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
-                                                     [True, False, False])[0]
-        if needs_weight or needs_bias:
-            if x.shape[1] % 16:  # the kernel's rows are whole vectors of 16 channels
-                _, dweight, dbias = torch.ops.aten.convolution_backward(
-                    grad, x, weight, [weight.shape[0]] if needs_bias else None, [1, 1], [0, 0], [1, 1], False, [0, 0],
-                    1, [False, True, needs_bias])
-            else:
-                dweight, dbias = kernels.linear_weight_grad(grad, x)
-                dweight = dweight.view_as(weight)
+        if x.shape[1] % 16 == 0:  # the kernel's rows are whole vectors of 16 channels
+            dx, dweight, dbias = kernels.conv1x1_backward(grad, x, weight if needs_x else None)
+            dweight = dweight.view_as(weight)
+        else:
+            dx, dweight, dbias = torch.ops.aten.convolution_backward(
+                grad, x, weight, [weight.shape[0]] if needs_bias else None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
+                [needs_x, needs_weight, needs_bias])
         return dx, dweight if needs_weight else None, dbias if needs_bias else None, grad if needs_other else None
 
 

@@ -293,23 +293,33 @@ SSIU_TARGETS void add_rows(const float* g, int64_t rows, int64_t o, float* db) {
   }
 }
 
-// Weight and bias gradients of a 1x1 convolution from its output's gradient g (m, o) and its input x (m, i), both
-// channels-last rows, i a multiple of 16: dw (o, i) = g^T x, db (o) = column sums of g. oneDNN's backward computes
-// these at about 60% of its forward rate on a 64-channel map; here chunks of 64 rows (both operands in L1) pass
-// every tile of dw once, and each thread sums its own run of rows into a partial gradient.
-std::tuple<at::Tensor, at::Tensor> linear_weight_grad(const at::Tensor& grad, const at::Tensor& x) {
+// Gradients of a 1x1 convolution (a linear map of pixels, y = x W^T + b) from its output's gradient g (m, o) and
+// its input x (m, i), both channels-last rows, i a multiple of 16: dw (o, i) = g^T x, db (o) = column sums of g and,
+// given the weight (o, i), dx (m, i) = g W. oneDNN's backward computes the weight gradient at about 60% of its
+// forward rate on a 64-channel map and reads g once for dx and again for dw; here chunks of 64 rows (both operands in
+// L1) pass every tile of dw once and give their rows of dx, and each thread sums its own run of rows into a partial
+// weight gradient.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward(const at::Tensor& grad, const at::Tensor& x,
+                                                               const std::optional<at::Tensor>& weight) {
   TORCH_CHECK(grad.dim() == 2 && x.dim() == 2 && grad.size(0) == x.size(0) && grad.scalar_type() == at::kFloat &&
                   x.scalar_type() == at::kFloat && grad.device().is_cpu() && x.device().is_cpu(),
-              "linear_weight_grad: grad (m, o) and x (m, i) must be float32 CPU matrices of the same rows, got ",
+              "linear_backward: grad (m, o) and x (m, i) must be float32 CPU matrices of the same rows, got ",
               grad.sizes(), " and ", x.sizes());
   const int64_t m = x.size(0), i = x.size(1), o = grad.size(1);
-  TORCH_CHECK(i % 16 == 0, "linear_weight_grad: input channels must be a multiple of 16, got ", i);
+  TORCH_CHECK(i % 16 == 0, "linear_backward: input channels must be a multiple of 16, got ", i);
+  TORCH_CHECK(!weight || (weight->sizes() == at::IntArrayRef({o, i}) && weight->scalar_type() == at::kFloat),
+              "linear_backward: weight must be float32 (", o, ", ", i, ")");
   const at::Tensor g = grad.contiguous(), input = x.contiguous();
+  const at::Tensor w = weight ? weight->contiguous() : at::Tensor();
+  at::Tensor dx = weight ? at::empty({m, i}, input.options()) : at::Tensor();
+  const std::vector<float> zeros(i, 0.f);
   constexpr int64_t kChunk = 64;
   const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), m / (16 * kChunk)));
   at::Tensor partial = at::zeros({tasks, o * i + o}, input.options());
   const float* g_data = g.data_ptr<float>();
   const float* x_data = input.data_ptr<float>();
+  const float* w_data = weight ? w.data_ptr<float>() : nullptr;
+  float* dx_data = weight ? dx.data_ptr<float>() : nullptr;
   float* p_data = partial.data_ptr<float>();
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
@@ -327,11 +337,14 @@ std::tuple<at::Tensor, at::Tensor> linear_weight_grad(const at::Tensor& grad, co
           }
         }
         add_rows(gc, rows, o, dw + o * i);
+        if (w_data) {
+          gemm<Epilogue::kBias>(rows, o, i, gc, o, w_data, zeros.data(), nullptr, nullptr, 0, dx_data + n0 * i, i);
+        }
       }
     }
   });
   const at::Tensor total = tasks > 1 ? partial.sum(0) : partial[0];
-  return {total.slice(0, 0, o * i).view({o, i}), total.slice(0, o * i)};
+  return {dx, total.slice(0, 0, o * i).view({o, i}), total.slice(0, o * i)};
 }
 
 // LayerNorm over the c channels of each of `pixels` pixels: (x - mean) / sqrt(var + eps) * weight + bias, with
@@ -1847,7 +1860,7 @@ TORCH_LIBRARY(ssiu, m) {
         "(Tensor, Tensor)");
   m.def("gelu_gate(Tensor h, Tensor u) -> Tensor");
   m.def("gelu_gate_backward(Tensor grad, Tensor h, Tensor u) -> (Tensor, Tensor)");
-  m.def("linear_weight_grad(Tensor grad, Tensor x) -> (Tensor, Tensor)");
+  m.def("linear_backward(Tensor grad, Tensor x, Tensor? weight) -> (Tensor, Tensor, Tensor)");
   m.def("moe_combine(Tensor[] logits, Tensor[] experts, Tensor? residual, bool with_gates) -> (Tensor, Tensor, Tensor)");
 }
 
@@ -1861,7 +1874,7 @@ TORCH_LIBRARY_IMPL(ssiu, CPU, m) {
   m.impl("gelu_gate", gelu_gate);
   m.impl("gelu_gate_backward", gelu_gate_backward);
   m.impl("moe_combine", moe_combine);
-  m.impl("linear_weight_grad", linear_weight_grad);
+  m.impl("linear_backward", linear_backward);
   m.impl("linear_bf16", linear_bf16);
   m.impl("gelu_product_bf16", gelu_product_bf16);
 }
