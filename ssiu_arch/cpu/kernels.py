@@ -152,17 +152,18 @@ def gelu_product_bf16(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: t
     return torch.ops.ssiu.gelu_product_bf16(x, w1, b1, w2)
 
 
-def conv1x1_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None
-                     ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+def conv1x1_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None,
+                     add: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """Gradients of a 1x1 convolution from its output's gradient ``grad`` (B, C_out, H, W) and its input ``x``
     (B, C_in, H, W), float32, C_in a multiple of 16: the input's (B, C_in, H, W) in channels-last memory where
-    ``weight`` (C_out, C_in, 1, 1) is given (else None), the weight's (C_out, C_in) and the bias's (C_out), in one
-    pass over both maps (channels-last memory is read in place, other layouts are copied to it first)."""
+    ``weight`` (C_out, C_in, 1, 1) is given (else None), plus ``add`` (shaped as ``x``) if given, the weight's
+    (C_out, C_in) and the bias's (C_out), in one pass over the maps (channels-last memory is read in place, other
+    layouts are copied to it first)."""
     def rows(t: torch.Tensor) -> torch.Tensor:
         return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
 
     flat = None if weight is None else weight.reshape(weight.shape[0], -1)
-    dx, dweight, dbias = torch.ops.ssiu.linear_backward(rows(grad), rows(x), flat)
+    dx, dweight, dbias = torch.ops.ssiu.linear_backward(rows(grad), rows(x), flat, None if add is None else rows(add))
     if dx is not None:
         b, _, h, w = x.shape
         dx = dx.view(b, h, w, -1).permute(0, 3, 1, 2)

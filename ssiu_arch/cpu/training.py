@@ -30,7 +30,8 @@ from torch.autograd.function import once_differentiable
 from ssiu_arch.archs.ssiu_arch import ESAM, MSGM, SSIU, SSRMStep, pad_to_multiple
 from ssiu_arch.cpu import kernels
 
-__all__ = ['Conv1x1', 'DepthwiseReflect', 'GeluGate', 'HaloAttention', 'UpsampleUpdate', 'forward', 'supported']
+__all__ = ['Conv1x1', 'DepthwiseReflect', 'GeluGate', 'HaloAttention', 'SharedInputConv1x1', 'UpsampleUpdate',
+           'forward', 'supported']
 
 # Kernel limits of the attention's backward pass: heads of 16, 32, ... 128 channels, windows of at most 128 keys.
 MAX_HEAD_DIM = 128
@@ -83,7 +84,6 @@ class Conv1x1(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 other: torch.Tensor | None) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
         if other is None:
             return F.conv2d(x, weight, bias)
         return torch.ops.mkldnn._convolution_pointwise.binary(x, other, weight, bias, [0, 0], [1, 1], [1, 1], 1, 'add',
@@ -94,15 +94,44 @@ class Conv1x1(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         x, weight = ctx.saved_tensors
         needs_x, needs_weight, needs_bias, needs_other = ctx.needs_input_grad
-        needs_bias = needs_bias and ctx.has_bias
-        if x.shape[1] % 16 == 0:  # the kernel's rows are whole vectors of 16 channels
-            dx, dweight, dbias = kernels.conv1x1_backward(grad, x, weight if needs_x else None)
-            dweight = dweight.view_as(weight)
-        else:
-            dx, dweight, dbias = torch.ops.aten.convolution_backward(
-                grad, x, weight, [weight.shape[0]] if needs_bias else None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
-                [needs_x, needs_weight, needs_bias])
+        dx, dweight, dbias = _conv1x1_gradients(grad, x, weight, needs_x, None)
         return dx, dweight if needs_weight else None, dbias if needs_bias else None, grad if needs_other else None
+
+
+class SharedInputConv1x1(torch.autograd.Function):
+    """``(conv_1(x), ..., conv_n(x))`` for 1x1 convolutions of one channels-last NCHW map, given as ``x, weight_1,
+    bias_1, ..., weight_n, bias_n``: as n :class:`Conv1x1`, except that each backward pass adds the input gradient of
+    the one before, where autograd would sum the n input gradients in passes of their own."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, *params: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        weights, biases = params[::2], params[1::2]
+        ctx.save_for_backward(x, *weights)
+        return tuple(F.conv2d(x, weight, bias) for weight, bias in zip(weights, biases))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *grads: torch.Tensor):
+        x, *weights = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        dx, params = None, []
+        for index, (grad, weight) in enumerate(zip(grads, weights)):
+            dx, dweight, dbias = _conv1x1_gradients(grad, x, weight, needs[0], dx)
+            params += [dweight if needs[1 + 2 * index] else None, dbias if needs[2 + 2 * index] else None]
+        return dx, *params
+
+
+def _conv1x1_gradients(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, needs_x: bool,
+                       add: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """The input's (plus ``add``; None unless ``needs_x``), weight's and bias's gradients of ``conv(x)``, a 1x1
+    convolution, from the output's gradient: the kernel's pass where the input has whole vectors of 16 channels,
+    else oneDNN's backward."""
+    if x.shape[1] % 16 == 0:
+        dx, dweight, dbias = kernels.conv1x1_backward(grad, x, weight if needs_x else None, add if needs_x else None)
+        return dx, dweight.view_as(weight), dbias
+    dx, dweight, dbias = torch.ops.aten.convolution_backward(grad, x, weight, [weight.shape[0]], [1, 1], [0, 0],
+                                                             [1, 1], False, [0, 0], 1, [needs_x, True, True])
+    return (dx + add if dx is not None and add is not None else dx), dweight, dbias
 
 
 class UpsampleUpdate(torch.autograd.Function):
@@ -165,10 +194,19 @@ def conv1x1(conv: nn.Conv2d, x: torch.Tensor, add: torch.Tensor | None = None) -
     return Conv1x1.apply(x, conv.weight, conv.bias, add)
 
 
-def msgm(m: MSGM, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
-    """:meth:`MSGM.forward` (plus ``add``), its depthwise convolution and gate kernels."""
-    w2, dw, w3 = m.project_in2
-    gate = GeluGate.apply(conv1x1(m.project_in1, x), conv1x1(w3, depthwise(dw, conv1x1(w2, x))))
+def input_projections(x: torch.Tensor, *msgms: MSGM) -> tuple[torch.Tensor, ...]:
+    """``W_1 x`` and ``W_2 x`` of each MSGM reading ``x``, in order (:class:`SharedInputConv1x1`)."""
+    convs = [conv for m in msgms for conv in (m.project_in1, m.project_in2[0])]
+    return SharedInputConv1x1.apply(x, *[p for conv in convs for p in (conv.weight, conv.bias)])
+
+
+def msgm(m: MSGM, x: torch.Tensor, add: torch.Tensor | None = None,
+         projections: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """:meth:`MSGM.forward` (plus ``add``), its depthwise convolution and gate kernels; ``projections`` are
+    ``W_1 x`` and ``W_2 x`` where :func:`input_projections` computed them."""
+    h, t = projections or input_projections(x, m)
+    _, dw, w3 = m.project_in2
+    gate = GeluGate.apply(h, conv1x1(w3, depthwise(dw, t)))
     return conv1x1(m.project_out, gate, add)
 
 
@@ -187,8 +225,9 @@ def esam_update(m: ESAM, v: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def step(s: SSRMStep, a: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """:meth:`SSRMStep.forward`, its residual sums in the convolutions' epilogues and the upsampling pass."""
     a = s.norm(a)
-    v = msgm(s.s1, a, add=a + y)  # a + z + y
-    b = msgm(s.s2, a)
+    h1, t1, h2, t2 = input_projections(a, s.s1, s.s2)
+    v = msgm(s.s1, a, add=a + y, projections=(h1, t1))  # a + z + y
+    b = msgm(s.s2, a, projections=(h2, t2))
     a = msgm(s.s4, esam_update(s.s3, v, b), add=b)  # v + ESAM(v) - b, then MSGM_4 + b
     return msgm(s.ffn, a, add=a)
 
