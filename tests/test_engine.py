@@ -314,7 +314,7 @@ TRAINABLE = {
 
 
 KERNEL_NODES = {'HaloAttentionBackward', 'GeluGateBackward', 'DepthwiseReflectBackward', 'Conv1x1Backward',
-                'UpsampleUpdateBackward'}
+                'SharedInputConv1x1Backward', 'UpsampleUpdateBackward'}
 
 
 @pytest.mark.parametrize('kw', [dict(num_feat=32, num_heads=2),

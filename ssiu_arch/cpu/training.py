@@ -124,14 +124,9 @@ class SharedInputConv1x1(torch.autograd.Function):
 def _conv1x1_gradients(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, needs_x: bool,
                        add: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """The input's (plus ``add``; None unless ``needs_x``), weight's and bias's gradients of ``conv(x)``, a 1x1
-    convolution, from the output's gradient: the kernel's pass where the input has whole vectors of 16 channels,
-    else oneDNN's backward."""
-    if x.shape[1] % 16 == 0:
-        dx, dweight, dbias = kernels.conv1x1_backward(grad, x, weight if needs_x else None, add if needs_x else None)
-        return dx, dweight.view_as(weight), dbias
-    dx, dweight, dbias = torch.ops.aten.convolution_backward(grad, x, weight, [weight.shape[0]], [1, 1], [0, 0],
-                                                             [1, 1], False, [0, 0], 1, [needs_x, True, True])
-    return (dx + add if dx is not None and add is not None else dx), dweight, dbias
+    convolution (of a multiple of 16 input channels, as every width the engine accepts), from the output's gradient."""
+    dx, dweight, dbias = kernels.conv1x1_backward(grad, x, weight if needs_x else None, add if needs_x else None)
+    return dx, dweight.view_as(weight), dbias
 
 
 class UpsampleUpdate(torch.autograd.Function):
