@@ -150,6 +150,28 @@ def test_bf16_autocast_on_cpu_trains_with_finite_float32_losses(tmp_path):
     assert model.output.dtype == torch.float32 and dtypes[-1] is False
 
 
+@pytest.mark.parametrize('speedup, warned', [(0.57, True), (None, True), (2.1, False)])
+def test_bf16_training_warns_where_bfloat16_does_not_pay_on_the_cpu(tmp_path, monkeypatch, speedup, warned):
+    import logging
+
+    from ssiu_arch.models import ssiu_model
+    from ssiu_arch.utils.cpu_features import BF16_MIN_SPEEDUP
+    monkeypatch.setattr(ssiu_model, 'bf16_product_speedup', lambda: speedup)
+    monkeypatch.setattr(ssiu_model, 'bf16_pays', lambda: speedup is not None and speedup >= BF16_MIN_SPEEDUP)
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger('basicsr').addHandler(handler)
+    try:
+        build_model(make_opt(tmp_path, mixed_precision='bf16'))
+    finally:
+        logging.getLogger('basicsr').removeHandler(handler)
+    messages = [r.getMessage() for r in records if r.levelno == logging.WARNING]
+    assert any('train.mixed_precision: bf16 on this CPU' in m for m in messages) == warned, messages
+    if speedup == 0.57:
+        assert any('0.57x the float32 rate' in m for m in messages)
+
+
 def test_bf16_autocast_with_aux_losses(tmp_path):
     model = build_model(make_opt(tmp_path, mixed_precision='bf16',
                                  ssim_opt={'type': 'SSIMUnfoldingLoss', 'loss_weight': 0.1,

@@ -35,6 +35,7 @@ from ssiu_arch.archs.ssiu_arch import SSIU, pad_to_multiple
 from ssiu_arch.cpu.memory import retain_freed_memory
 from ssiu_arch.datasets_lmdb.imresize import imresize
 from ssiu_arch.evaluation.metrics_schema import make_metrics, write_metrics
+from ssiu_arch.utils.cpu_features import bf16_pays, bf16_product_speedup
 from ssiu_arch.utils.fileio import save_atomic
 from ssiu_arch.utils.weights import CONFIG_KEY, STATE_KEYS, CheckpointError, read_checkpoint, save_weights
 
@@ -191,6 +192,12 @@ class SSIUModel(SRModel):
         if self.amp_dtype is not None:
             logger.info(f'Mixed precision: {self.opt["train"]["mixed_precision"]} autocast for the training forward on '
                         f'{self.device.type}, losses in float32' + (', loss scaling' if self.grad_scaler else ''))
+        if self.amp_dtype == torch.bfloat16 and self.device.type == 'cpu' and not bf16_pays():
+            speedup = bf16_product_speedup()
+            rate = ('has no native bfloat16' if speedup is None
+                    else f'runs bfloat16 products at {speedup:.2f}x the float32 rate')
+            logger.warning(f'train.mixed_precision: bf16 on this CPU, which {rate}: the step will likely be slower '
+                           'than float32 (mixed_precision: false)')
 
     def _build_losses(self, train_opt: dict) -> None:
         unknown = [k for k, v in train_opt.items() if k.endswith('_opt') and k not in LOSSES and v]
