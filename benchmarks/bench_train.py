@@ -21,7 +21,9 @@ Variants (``--variants``):
   on a GPU, without the engine's training kernels (:mod:`ssiu_arch.cpu.training`).
 
 In every other variant SSIU's forward runs through the CPU engine's training path where it applies (float32
-eager steps on the CPU).
+eager steps on the CPU). On the CPU the script first prints the two timings that choose that path's 1x1
+convolution backward: the engine's kernel or oneDNN's, whichever is faster here
+(:func:`ssiu_arch.cpu.training.backward_timings`).
 
 Per variant both networks start from the checkpoint; their first steps give the relative difference of the loss
 and of the gradients (norm of the difference over norm, of all parameters' gradients together; target <= 1e-5;
@@ -54,6 +56,7 @@ from torch import nn
 
 import ssiu_arch.models  # noqa: F401  (BasicSR compatibility fixes before the losses import basicsr)
 from ssiu_arch.cpu.memory import retain_freed_memory
+from ssiu_arch.cpu.training import backward_timings
 from ssiu_arch.tools.bench import load_average, machine_description
 from ssiu_arch.utils.weights import load_ssiu
 
@@ -291,6 +294,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f'machine: {machine_description()}; torch {torch.__version__}; {device.type}: {where}')
     print(f'step: x2, batch {args.batch} of {args.size}x{args.size} LR, AdamW, L1 + 0.01 FFT; SSIU num_feat '
           f'{args.num_feat}, num_block {args.num_block}; {args.runs} timed steps per network and variant')
+    if device.type == 'cpu':
+        kernel, onednn = backward_timings()
+        chosen = 'the kernel' if kernel <= onednn else 'oneDNN'
+        print(f'1x1 convolution backward on this CPU (8x64x32x32): engine kernel {kernel * 1e3:.2f} ms, oneDNN '
+              f'{onednn * 1e3:.2f} ms; the engine\'s training path uses {chosen}')
     print(f'load average at start: {load_average()}', flush=True)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from ssiu_arch.archs.ssiu_arch import ESAM, MSGM, SSIU, SSRMStep
-from ssiu_arch.cpu import engine, kernels
+from ssiu_arch.cpu import engine, kernels, training
 from ssiu_arch.cpu.engine import ENGINE
 
 
@@ -323,7 +323,27 @@ KERNEL_NODES = {'HaloAttentionBackward', 'GeluGateBackward', 'DepthwiseReflectBa
                                 dict(num_feat=32, num_heads=2, attn_downsample=1, pad_multiple=8),
                                 dict(num_feat=32, num_heads=2, kernel_size=7, expansion=1.5)])
 @pytest.mark.parametrize('trainable', TRAINABLE)
-def test_training_path_gives_the_reference_outputs_and_gradients(kw, trainable):
+def test_training_path_gives_the_reference_outputs_and_gradients(kw, trainable, monkeypatch):
+    monkeypatch.setattr(training, 'kernel_backward_pays', lambda: True)  # whichever this CPU would choose
+    _check_training_path(kw, trainable)
+
+
+@pytest.mark.parametrize('trainable', TRAINABLE)
+def test_training_path_with_onednn_1x1_backward(trainable, monkeypatch):
+    """Where oneDNN's 1x1 backward is the faster one on the CPU, the training path uses it, input gradients of
+    convolutions that read one map summed by the shared function."""
+    monkeypatch.setattr(training, 'kernel_backward_pays', lambda: False)
+    _check_training_path(dict(num_feat=32, num_heads=2), trainable)
+
+
+def test_1x1_backward_choice_is_timed_once_on_this_cpu():
+    kernel, onednn = training.backward_timings()
+    assert 0 < kernel < 1 and 0 < onednn < 1
+    assert training.backward_timings() == (kernel, onednn)  # once per process and thread count
+    assert training.kernel_backward_pays() == (kernel <= onednn)
+
+
+def _check_training_path(kw: dict, trainable: str) -> None:
     torch.manual_seed(0)
     net = tiny(**kw).train()
     x = TRAINABLE[trainable](net, _input_without_pool_ties(net, (2, 3, 19, 26)))

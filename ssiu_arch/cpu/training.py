@@ -11,9 +11,11 @@ PyTorch form is many small passes over the maps, computed here by kernels with t
   PyTorch makes two and three;
 - the reflect-padded depthwise convolutions of MSGM and ESAM (:class:`DepthwiseReflect`): no padded copy of the
   map forward, and one pass backward for the input, weight and bias gradients;
-- the 1x1 convolutions of MSGM and ESAM's qkv projection (:class:`Conv1x1`): oneDNN's convolution forward and
-  input gradient, the weight and bias gradients in one kernel pass, and the residual sums after MSGM_1, MSGM_4 and
-  MSGM_ffn in the output convolution's oneDNN epilogue;
+- the 1x1 convolutions of MSGM and ESAM's qkv projection (:class:`Conv1x1`, :class:`SharedInputConv1x1`):
+  oneDNN's convolution forward, with the residual sums after MSGM_1, MSGM_4 and MSGM_ffn in its epilogue, and the
+  input, weight and bias gradients in one kernel pass where that beats oneDNN's backward on the CPU
+  (:func:`kernel_backward_pays`, timed once per process); convolutions that read one map add their input gradients
+  in that pass;
 - ``v + ESAM(v) - b`` with ESAM's upsampling in one pass (:class:`UpsampleUpdate`).
 
 LayerNorm, pooling, the head, the MoE-FS and the tail are the modules' own calls, so those parameters get their
@@ -21,6 +23,9 @@ gradients from the same operators as in the reference. ``tests/test_engine.py`` 
 against the reference forward.
 """
 from __future__ import annotations
+
+import functools
+import time
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +36,7 @@ from ssiu_arch.archs.ssiu_arch import ESAM, MSGM, SSIU, SSRMStep, pad_to_multipl
 from ssiu_arch.cpu import kernels
 
 __all__ = ['Conv1x1', 'DepthwiseReflect', 'GeluGate', 'HaloAttention', 'SharedInputConv1x1', 'UpsampleUpdate',
-           'forward', 'supported']
+           'backward_timings', 'forward', 'kernel_backward_pays', 'supported']
 
 # Kernel limits of the attention's backward pass: heads of 16, 32, ... 128 channels, windows of at most 128 keys.
 MAX_HEAD_DIM = 128
@@ -124,9 +129,51 @@ class SharedInputConv1x1(torch.autograd.Function):
 def _conv1x1_gradients(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, needs_x: bool,
                        add: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """The input's (plus ``add``; None unless ``needs_x``), weight's and bias's gradients of ``conv(x)``, a 1x1
-    convolution (of a multiple of 16 input channels, as every width the engine accepts), from the output's gradient."""
-    dx, dweight, dbias = kernels.conv1x1_backward(grad, x, weight if needs_x else None, add if needs_x else None)
-    return dx, dweight.view_as(weight), dbias
+    convolution (of a multiple of 16 input channels, as every width the engine accepts), from the output's gradient:
+    the engine's kernel where it beats oneDNN's backward on this CPU (:func:`kernel_backward_pays`), else oneDNN's."""
+    if kernel_backward_pays():
+        dx, dweight, dbias = kernels.conv1x1_backward(grad, x, weight if needs_x else None, add if needs_x else None)
+        return dx, dweight.view_as(weight), dbias
+    dx, dweight, dbias = _onednn_backward(grad, x, weight, needs_x)
+    return (dx + add if dx is not None and add is not None else dx), dweight, dbias
+
+
+def _onednn_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                     needs_x: bool) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    return torch.ops.aten.convolution_backward(grad, x, weight, [weight.shape[0]], [1, 1], [0, 0], [1, 1], False,
+                                               [0, 0], 1, [needs_x, True, True])
+
+
+def kernel_backward_pays() -> bool:
+    """Whether the engine's 1x1 convolution backward (:func:`ssiu_arch.cpu.kernels.conv1x1_backward`) is faster than
+    oneDNN's on this CPU at the current thread count (:func:`backward_timings`)."""
+    kernel, onednn = backward_timings()
+    return kernel <= onednn
+
+
+def backward_timings() -> tuple[float, float]:
+    """Seconds of one 1x1 convolution backward (input, weight and bias gradients; 64 -> 64 channels, a batch of 8
+    channels-last 32x32 maps) by the engine's kernel and by oneDNN, the fastest of interleaved repeats, measured once
+    per process and thread count (~15 ms). Which one is faster depends on the CPU: on an Intel Xeon the kernel took
+    2.05 ms against oneDNN's 2.5 at 64x64, and oneDNN's kernels are tuned per microarchitecture."""
+    return _backward_timings(torch.get_num_threads())
+
+
+@functools.cache
+def _backward_timings(threads: int) -> tuple[float, float]:
+    x, grad = (torch.randn(8, 64, 32, 32).contiguous(memory_format=torch.channels_last) for _ in range(2))
+    weight = torch.randn(64, 64, 1, 1)
+    runs = {'kernel': lambda: kernels.conv1x1_backward(grad, x, weight),
+            'onednn': lambda: _onednn_backward(grad, x, weight, True)}
+    best = dict.fromkeys(runs, float('inf'))
+    with torch.no_grad():
+        for repeat in range(6):
+            for name, run in runs.items():
+                start = time.perf_counter()
+                run()
+                if repeat:  # the first calls create oneDNN's primitives and warm the caches
+                    best[name] = min(best[name], time.perf_counter() - start)
+    return best['kernel'], best['onednn']
 
 
 class UpsampleUpdate(torch.autograd.Function):
