@@ -171,7 +171,7 @@ def test_linear_backward_is_the_gradient_of_a_linear_map(pixels, c_in, c_out, th
     ref_x, ref_w, ref_b = g.double() @ w.double(), g.double().t() @ x.double(), g.double().sum(0)
     assert dx.shape == (pixels, c_in) and dw.shape == (c_out, c_in) and db.shape == (c_out,)
     assert (dx.double() - ref_x).abs().max() <= 1e-5 * ref_x.abs().max()
-    assert (dw.double() - ref_w).norm() <= 5e-6 * ref_w.norm()  # float32 sums of thousands of terms
+    assert (dw.double() - ref_w).norm() <= 1e-6 * ref_w.norm()  # sums of chunk sums: no long float32 chains
     assert (db.double() - ref_b).abs().max() <= 1e-5 * ref_b.abs().max()
     assert no_dx is None and torch.equal(dw_alone, dw)
     assert (dx_sum - dx - earlier).abs().max() <= 1e-6 * ref_x.abs().max()
