@@ -54,7 +54,10 @@ def test_cpu_flags_read_from_cpuinfo(tmp_path):
 
 
 def test_bf16_product_speedup_is_measured_where_the_cpu_has_bf16():
+    cpu_features.bf16_product_speedup.cache_clear()
+    state = torch.get_rng_state()
     speedup = cpu_features.bf16_product_speedup()
+    assert torch.equal(torch.get_rng_state(), state)  # the measurement leaves the caller's random stream alone
     assert (speedup is None) == (not cpu_features.native_bf16())
     if speedup is not None:
         assert 0.05 < speedup < 50  # a ratio of two timings of the same product, not a flag
