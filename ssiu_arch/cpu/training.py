@@ -83,7 +83,7 @@ class DepthwiseReflect(torch.autograd.Function):
 class Conv1x1(torch.autograd.Function):
     """``conv(x)``, or ``conv(x) + other`` with the sum in oneDNN's epilogue, for a 1x1 convolution of channels-last
     NCHW maps. Forward is oneDNN's; the backward is one pass of :func:`ssiu_arch.cpu.kernels.conv1x1_backward`
-    over the output's gradient and the input, faster than oneDNN's backward on these maps."""
+    over the output's gradient and the input where that beats oneDNN's backward on the CPU, else oneDNN's."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
