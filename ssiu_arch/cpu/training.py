@@ -25,7 +25,6 @@ against the reference forward.
 from __future__ import annotations
 
 import functools
-import time
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +33,7 @@ from torch.autograd.function import once_differentiable
 
 from ssiu_arch.archs.ssiu_arch import ESAM, MSGM, SSIU, SSRMStep, pad_to_multiple
 from ssiu_arch.cpu import kernels
+from ssiu_arch.utils.cpu_features import fastest_times
 
 __all__ = ['Conv1x1', 'DepthwiseReflect', 'GeluGate', 'HaloAttention', 'SharedInputConv1x1', 'UpsampleUpdate',
            'backward_timings', 'forward', 'kernel_backward_pays', 'supported']
@@ -169,15 +169,8 @@ def _backward_timings(threads: int) -> tuple[float, float]:
     runs = {'onednn': lambda: _onednn_backward(grad, x, weight, True)}
     if kernels.available():
         runs['kernel'] = lambda: kernels.conv1x1_backward(grad, x, weight)
-    best = dict.fromkeys(('kernel', 'onednn'), float('inf'))
-    with torch.no_grad():
-        for repeat in range(6):
-            for name, run in runs.items():
-                start = time.perf_counter()
-                run()
-                if repeat:  # the first calls create oneDNN's primitives and warm the caches
-                    best[name] = min(best[name], time.perf_counter() - start)
-    return best['kernel'], best['onednn']
+    best = fastest_times(runs, repeats=6)
+    return best.get('kernel', float('inf')), best['onednn']
 
 
 class UpsampleUpdate(torch.autograd.Function):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -55,16 +56,23 @@ def bf16_product_speedup() -> float | None:
     generator = torch.Generator().manual_seed(0)  # the caller's random stream stays untouched
     x = torch.randn(1, 64, 96, 96, generator=generator).contiguous(memory_format=torch.channels_last)
     w = torch.randn(64, 64, 1, 1, generator=generator)
-    pairs = {torch.float32: (x, w), torch.bfloat16: (x.bfloat16(), w.bfloat16())}
-    best = dict.fromkeys(pairs, float('inf'))
-    with torch.inference_mode():
-        for repeat in range(7):
-            for dtype, (xi, wi) in pairs.items():
+    x16, w16 = x.bfloat16(), w.bfloat16()
+    best = fastest_times({'fp32': lambda: F.conv2d(x, w), 'bf16': lambda: F.conv2d(x16, w16)})
+    return best['fp32'] / best['bf16']
+
+
+def fastest_times(runs: dict[str, Callable[[], object]], repeats: int = 7) -> dict[str, float]:
+    """Seconds of the fastest call of each of ``runs``, called in turn ``repeats`` times without autograd; the first
+    round, where oneDNN creates its primitives and the caches warm up, is not counted."""
+    best = dict.fromkeys(runs, float('inf'))
+    with torch.no_grad():
+        for repeat in range(repeats):
+            for name, run in runs.items():
                 start = time.perf_counter()
-                F.conv2d(xi, wi)
-                if repeat:  # the first call of each creates its oneDNN primitive
-                    best[dtype] = min(best[dtype], time.perf_counter() - start)
-    return best[torch.float32] / best[torch.bfloat16]
+                run()
+                if repeat:
+                    best[name] = min(best[name], time.perf_counter() - start)
+    return best
 
 
 def bf16_pays() -> bool:
