@@ -314,14 +314,15 @@ TRAINABLE = {
 
 
 KERNEL_NODES = {'HaloAttentionBackward', 'GeluGateBackward', 'DepthwiseReflectBackward', 'Conv1x1Backward',
-                'SharedInputConv1x1Backward', 'UpsampleUpdateBackward'}
+                'SharedInputConv1x1Backward', 'UpsampleUpdateBackward', 'MoEMixBackward'}
 
 
 @pytest.mark.parametrize('kw', [dict(num_feat=32, num_heads=2),
                                 dict(num_feat=32, num_heads=2, upscale=4, block_size=4, halo=2, pad_multiple=8),
                                 dict(num_feat=64, num_block=3, upscale=3),
                                 dict(num_feat=32, num_heads=2, attn_downsample=1, pad_multiple=8),
-                                dict(num_feat=32, num_heads=2, kernel_size=7, expansion=1.5)])
+                                dict(num_feat=32, num_heads=2, kernel_size=7, expansion=1.5),
+                                dict(num_feat=32, num_heads=2, num_block=1)])  # experts: the head's map twice
 @pytest.mark.parametrize('trainable', TRAINABLE)
 def test_training_path_gives_the_reference_outputs_and_gradients(kw, trainable, monkeypatch):
     monkeypatch.setattr(training, 'kernel_backward_pays', lambda: True)  # whichever this CPU would choose

@@ -237,6 +237,34 @@ def test_moe_combine_matches_softmax_gating(channels, residual):
     assert kernels.moe_combine(logits, experts, skip, False)[2] is None
 
 
+@pytest.mark.parametrize('channels, n, with_skip, with_gates', [(64, 3, True, True), (20, 3, False, False),
+                                                                  (48, 2, True, False)])
+def test_moe_combine_backward_is_the_gradient_of_softmax_gating(channels, n, with_skip, with_gates):
+    logits = [(torch.randn(2, 5, 7, channels) * 4).requires_grad_() for _ in range(n)]
+    experts = [torch.randn(2, 5, 7, channels).requires_grad_() for _ in range(n)]
+    gates = torch.stack(logits, dim=-2).softmax(dim=-2)
+    out = sum(gates[..., i, :] * e for i, e in enumerate(experts))
+    grad, grad_skip, grad_gates = torch.randn_like(out), torch.randn_like(out), torch.randn_like(gates)
+    total = (out * grad).sum() + (out * grad_skip).sum() * with_skip + (gates * grad_gates).sum() * with_gates
+    expected = torch.autograd.grad(total, logits + experts)
+    dlogits, dexperts = kernels.moe_combine_backward(grad, grad_skip if with_skip else None, gates.detach(),
+                                                     grad_gates if with_gates else None, [e.detach() for e in experts])
+    for got, ref in zip(dlogits + dexperts, expected):
+        assert (got - ref).abs().max() <= 1e-5
+
+
+def test_moe_combine_backward_refuses_bad_input():
+    grad, gates, experts = torch.randn(1, 4, 4, 16), torch.rand(1, 4, 4, 3, 16), [torch.randn(1, 4, 4, 16)] * 3
+    with pytest.raises(RuntimeError, match='gates must be'):
+        torch.ops.ssiu.moe_combine_backward(grad, None, gates[..., :2, :], None, experts)
+    with pytest.raises(RuntimeError, match='every expert must be'):
+        torch.ops.ssiu.moe_combine_backward(grad, None, gates, None, experts[:2] + [torch.randn(1, 4, 5, 16)])
+    with pytest.raises(RuntimeError, match='grad_skip must be'):
+        torch.ops.ssiu.moe_combine_backward(grad, grad.double(), gates, None, experts)
+    with pytest.raises(RuntimeError, match='1 to 8 experts'):
+        torch.ops.ssiu.moe_combine_backward(grad, None, gates, None, [])
+
+
 def msgm_weights(msgm: MSGM) -> list[torch.Tensor]:
     """The fused kernel's weight arguments from an MSGM: matrices and the depthwise kernel, up to ``W_o``."""
     reduce, depthwise, expand = msgm.project_in2

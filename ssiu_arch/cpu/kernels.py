@@ -6,8 +6,9 @@ They are built on first use into a per-user cache (:mod:`ssiu_arch.cpu.build`) w
 turns them off. Only the CPU engine
 (:mod:`ssiu_arch.cpu.engine`) uses them; without them the network runs its own modules, about 2x slower for
 inference, and says so once, as it does for tracing and ONNX export, since the kernels have no ONNX mapping.
-Three have backward kernels, which the engine's training path (:mod:`ssiu_arch.cpu.training`) wraps in
-autograd functions: ESAM's halo attention, MSGM's GELU gate and the reflect-padded depthwise convolution.
+The engine's training path (:mod:`ssiu_arch.cpu.training`) wraps the backward kernels in autograd functions: ESAM's
+halo attention, MSGM's GELU gate, the reflect-padded depthwise convolution, MoE-FS's gated sum and the 1x1
+convolution.
 """
 from __future__ import annotations
 
@@ -117,6 +118,16 @@ def moe_combine(logits: list[torch.Tensor], experts: list[torch.Tensor], residua
     experts)``, ``skip = out + residual``. Returns (out, skip, gates (B, H, W, E, C) or None)."""
     out, skip, gates = torch.ops.ssiu.moe_combine(logits, experts, residual, with_gates)
     return out, skip, gates if with_gates else None
+
+
+def moe_combine_backward(grad: torch.Tensor, grad_skip: torch.Tensor | None, gates: torch.Tensor,
+                         grad_gates: torch.Tensor | None,
+                         experts: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Gradients of :func:`moe_combine`'s logits and experts, one (B, H, W, C) map each, from the gradients of its
+    ``out`` and ``skip`` (None when skip is unused), the ``gates`` it returned (B, H, W, E, C) with their gradient
+    (None if none) and the experts, in one pass over the maps."""
+    dlogits, dexperts = torch.ops.ssiu.moe_combine_backward(grad, grad_skip, gates, grad_gates, experts)
+    return list(dlogits), list(dexperts)
 
 
 def msgm(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, wd: torch.Tensor,

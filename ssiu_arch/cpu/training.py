@@ -16,10 +16,12 @@ PyTorch form is many small passes over the maps, computed here by kernels with t
   input, weight and bias gradients in one kernel pass where that beats oneDNN's backward on the CPU
   (:func:`kernel_backward_pays`, timed once per process); convolutions that read one map add their input gradients
   in that pass;
-- ``v + ESAM(v) - b`` with ESAM's upsampling in one pass (:class:`UpsampleUpdate`).
+- ``v + ESAM(v) - b`` with ESAM's upsampling in one pass (:class:`UpsampleUpdate`);
+- MoE-FS's softmax over the experts and gated sum, with the residual sums after it (:class:`MoEMix`), and its 1x1
+  convolutions as :class:`Conv1x1`.
 
-LayerNorm, pooling, the head, the MoE-FS and the tail are the modules' own calls, so those parameters get their
-gradients from the same operators as in the reference. ``tests/test_engine.py`` checks outputs and gradients
+LayerNorm, pooling, the head and the tail are the modules' own calls, so those parameters get their gradients from
+the same operators as in the reference. ``tests/test_engine.py`` checks outputs and gradients
 against the reference forward.
 """
 from __future__ import annotations
@@ -31,12 +33,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from ssiu_arch.archs.ssiu_arch import ESAM, MSGM, SSIU, SSRMStep, pad_to_multiple
+from ssiu_arch.archs.ssiu_arch import ESAM, MSGM, SSIU, MoEFeatureSelector, SSRMStep, pad_to_multiple
 from ssiu_arch.cpu import kernels
 from ssiu_arch.utils.cpu_features import fastest_times
 
-__all__ = ['Conv1x1', 'DepthwiseReflect', 'GeluGate', 'HaloAttention', 'SharedInputConv1x1', 'UpsampleUpdate',
-           'backward_timings', 'forward', 'kernel_backward_pays', 'supported']
+__all__ = ['Conv1x1', 'DepthwiseReflect', 'GeluGate', 'HaloAttention', 'MoEMix', 'SharedInputConv1x1',
+           'UpsampleUpdate', 'backward_timings', 'forward', 'kernel_backward_pays', 'supported']
 
 # Kernel limits of the attention's backward pass: heads of 16, 32, ... 128 channels, windows of at most 128 keys.
 MAX_HEAD_DIM = 128
@@ -191,6 +193,35 @@ class UpsampleUpdate(torch.autograd.Function):
         return dlow, grad, grad.neg()
 
 
+class MoEMix(torch.autograd.Function):
+    """MoE-FS's gated sum on channels-last (B, H, W, C) maps, given as ``residual, logits_1..n, experts_1..n``:
+    ``mixed = sum_i softmax_i(logits)_i * experts_i``, ``skip = mixed + residual`` and the gates (B, H, W, n, C),
+    forward in one pass (:func:`ssiu_arch.cpu.kernels.moe_combine`) and backward in one
+    (:func:`ssiu_arch.cpu.kernels.moe_combine_backward`), where eager PyTorch stacks, selects and zero-fills
+    expert-sized maps in both directions."""
+
+    @staticmethod
+    def forward(ctx, residual: torch.Tensor, *maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        n = len(maps) // 2
+        ctx.set_materialize_grads(False)  # no zero-filled gradient for an unused output (the gates, mostly)
+        mixed, skip, gates = kernels.moe_combine(list(maps[:n]), list(maps[n:]), residual, True)
+        ctx.save_for_backward(gates, *maps[n:])
+        return mixed, skip, gates
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_mixed: torch.Tensor | None, grad_skip: torch.Tensor | None,
+                 grad_gates: torch.Tensor | None):
+        gates, *experts = ctx.saved_tensors
+        out_grads = [g for g in (grad_mixed, grad_skip) if g is not None]
+        if not out_grads and grad_gates is None:
+            return (None,) * (1 + 2 * len(experts))
+        first = out_grads[0] if out_grads else torch.zeros_like(experts[0])
+        dlogits, dexperts = kernels.moe_combine_backward(first, out_grads[1] if len(out_grads) > 1 else None, gates,
+                                                         grad_gates, experts)
+        return grad_skip, *dlogits, *dexperts
+
+
 class GeluGate(torch.autograd.Function):
     """``GELU(h) * u`` for two maps of one shape and memory layout."""
 
@@ -271,6 +302,17 @@ def step(s: SSRMStep, a: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return msgm(s.ffn, a, add=a)
 
 
+def moe(m: MoEFeatureSelector, experts: list[torch.Tensor], y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:meth:`MoEFeatureSelector.forward` plus ``y``, as the tail reads it: ``fuse(mixed) + mixed + y`` and the gates
+    (B, 3, C, H, W), the gated sum and both residual sums in one pass (:class:`MoEMix`)."""
+    def nhwc(t: torch.Tensor) -> torch.Tensor:
+        return t.permute(0, 2, 3, 1)
+
+    logits = [conv1x1(fc, e) for fc, e in zip((m.fc_a, m.fc_b, m.fc_c), experts)]
+    mixed, skip, gates = MoEMix.apply(nhwc(y), *map(nhwc, logits), *map(nhwc, experts))
+    return conv1x1(m.fuse, mixed.permute(0, 3, 1, 2), add=skip.permute(0, 3, 1, 2)), gates.permute(0, 3, 4, 1, 2)
+
+
 def forward(net: SSIU, x: torch.Tensor, return_aux: bool = False):
     """:meth:`SSIU.forward` with the steps of :func:`step`."""
     h, w = x.shape[-2:]
@@ -283,9 +325,9 @@ def forward(net: SSIU, x: torch.Tensor, return_aux: bool = False):
         if index in net.expert_steps:
             estimates[index] = a
     experts = [estimates[index] for index in net.expert_steps]
-    fused, gates = net.moe(experts)
+    fused, gates = moe(net.moe, experts, y)
     skip = F.interpolate(x, scale_factor=s, mode='bilinear', align_corners=False)
-    out = (net.tail(fused + y) + skip)[..., :h * s, :w * s]
+    out = (net.tail(fused) + skip)[..., :h * s, :w * s]
     if not return_aux:
         return out
     steps = [(net.tail(e + y) + skip)[..., :h * s, :w * s] for e in experts]

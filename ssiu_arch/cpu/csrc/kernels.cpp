@@ -2,9 +2,9 @@
 //
 // Each replaces a chain of eager PyTorch passes over full-size maps by one pass; on CPU the cost of those
 // maps is memory traffic, not arithmetic. Tracing and ONNX export compose the same results from standard
-// operators (see ssiu_arch/cpu/kernels.py and ssiu_arch/cpu/engine.py). Three have backward kernels for the
-// engine's training path (ssiu_arch/cpu/training.py): halo_attention_backward, gelu_gate_backward and
-// depthwise_reflect_backward.
+// operators (see ssiu_arch/cpu/kernels.py and ssiu_arch/cpu/engine.py). The engine's training path
+// (ssiu_arch/cpu/training.py) uses the backward kernels: halo_attention_backward, gelu_gate_backward,
+// depthwise_reflect_backward, moe_combine_backward and linear_backward (a 1x1 convolution's).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -1858,6 +1858,88 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_combine(at::TensorList logits
   return {out, skip, gates};
 }
 
+// Gradients of moe_combine's out and gates, per pixel and channel: given the gates g_i, the experts e_i and the
+// gradients of out (`grad`, plus `grad_skip` if given: skip = out + residual) and of the gates (`grad_gates`, if
+// any): de_i = G g_i, and through the softmax dl_i = g_i (d_i - sum_j g_j d_j) with d_i = G e_i + dgates_i, G the
+// summed output gradient.
+SSIU_TARGETS void moe_backward_pixels(const float* grad, const float* grad_skip, const float* gates,
+                                      const float* grad_gates, const float* const* experts, int64_t n, int64_t c,
+                                      int64_t begin, int64_t end, float* const* dlogits, float* const* dexperts) {
+  for (int64_t px = begin; px < end; ++px) {
+    const int64_t at = px * c;
+    int64_t ch = 0;
+    for (; ch + 16 <= c; ch += 16) {
+      Vec16 go = load16(grad + at + ch);
+      if (grad_skip) go += load16(grad_skip + at + ch);
+      Vec16 g[kMaxExperts], d[kMaxExperts];
+      Vec16 total{};
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t gi = (px * n + i) * c + ch;
+        g[i] = load16(gates + gi);
+        d[i] = go * load16(experts[i] + at + ch);
+        if (grad_gates) d[i] += load16(grad_gates + gi);
+        total += g[i] * d[i];
+        store16(dexperts[i] + at + ch, go * g[i]);
+      }
+      for (int64_t i = 0; i < n; ++i) store16(dlogits[i] + at + ch, g[i] * (d[i] - total));
+    }
+    for (; ch < c; ++ch) {
+      const float go = grad[at + ch] + (grad_skip ? grad_skip[at + ch] : 0.f);
+      float g[kMaxExperts], d[kMaxExperts];
+      float total = 0.f;
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t gi = (px * n + i) * c + ch;
+        g[i] = gates[gi];
+        d[i] = go * experts[i][at + ch] + (grad_gates ? grad_gates[gi] : 0.f);
+        total += g[i] * d[i];
+        dexperts[i][at + ch] = go * g[i];
+      }
+      for (int64_t i = 0; i < n; ++i) dlogits[i][at + ch] = g[i] * (d[i] - total);
+    }
+  }
+}
+
+// Backward of moe_combine for training: (B, H, W, C) maps `grad` (out's gradient; `grad_skip`, skip's, is added to
+// it), `gates` (B, H, W, E, C) as moe_combine returned them and their gradient `grad_gates` if any, and the experts.
+// Returns the logits' and the experts' gradients, one (B, H, W, C) map each, in one pass over the maps.
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> moe_combine_backward(
+    const at::Tensor& grad, const std::optional<at::Tensor>& grad_skip, const at::Tensor& gates,
+    const std::optional<at::Tensor>& grad_gates, at::TensorList experts) {
+  const int64_t n = static_cast<int64_t>(experts.size());
+  TORCH_CHECK(n >= 1 && n <= kMaxExperts, "moe_combine_backward: 1 to ", kMaxExperts, " experts");
+  const auto shape = grad.sizes();
+  TORCH_CHECK(grad.dim() == 4 && grad.scalar_type() == at::kFloat && grad.device().is_cpu(),
+              "moe_combine_backward: grad must be a float32 CPU (B, H, W, C) map, got ", shape);
+  const std::vector<int64_t> gate_shape{shape[0], shape[1], shape[2], n, shape[3]};
+  auto check = [&](const at::Tensor& t, at::IntArrayRef expected, const char* what) {
+    TORCH_CHECK(t.sizes() == expected && t.scalar_type() == at::kFloat && t.device().is_cpu(),
+                "moe_combine_backward: ", what, " must be float32 on the CPU and shaped ", expected, ", got ",
+                t.sizes());
+    return t.contiguous();
+  };
+  const at::Tensor go = grad.contiguous(), g = check(gates, gate_shape, "gates");
+  const at::Tensor gs = grad_skip ? check(*grad_skip, shape, "grad_skip") : at::Tensor();
+  const at::Tensor gg = grad_gates ? check(*grad_gates, gate_shape, "grad_gates") : at::Tensor();
+  std::vector<at::Tensor> e, dlogits, dexperts;
+  std::array<const float*, kMaxExperts> ep{};
+  std::array<float*, kMaxExperts> dlp{}, dep{};
+  for (int64_t i = 0; i < n; ++i) {
+    e.push_back(check(experts[i], shape, "every expert"));
+    dlogits.push_back(at::empty(shape, go.options()));
+    dexperts.push_back(at::empty(shape, go.options()));
+    ep[i] = e[i].data_ptr<float>(), dlp[i] = dlogits[i].data_ptr<float>(), dep[i] = dexperts[i].data_ptr<float>();
+  }
+  const float* gp = go.data_ptr<float>();
+  const float* gsp = grad_skip ? gs.data_ptr<float>() : nullptr;
+  const float* gatep = g.data_ptr<float>();
+  const float* ggp = grad_gates ? gg.data_ptr<float>() : nullptr;
+  const int64_t c = shape[3];
+  at::parallel_for(0, shape[0] * shape[1] * shape[2], 1024, [&](int64_t begin, int64_t end) {
+    moe_backward_pixels(gp, gsp, gatep, ggp, ep.data(), n, c, begin, end, dlp.data(), dep.data());
+  });
+  return {dlogits, dexperts};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(ssiu, m) {
@@ -1877,6 +1959,8 @@ TORCH_LIBRARY(ssiu, m) {
   m.def("gelu_gate_backward(Tensor grad, Tensor h, Tensor u) -> (Tensor, Tensor)");
   m.def("linear_backward(Tensor grad, Tensor x, Tensor? weight, Tensor? add=None) -> (Tensor, Tensor, Tensor)");
   m.def("moe_combine(Tensor[] logits, Tensor[] experts, Tensor? residual, bool with_gates) -> (Tensor, Tensor, Tensor)");
+  m.def("moe_combine_backward(Tensor grad, Tensor? grad_skip, Tensor gates, Tensor? grad_gates, Tensor[] experts) -> "
+        "(Tensor[], Tensor[])");
 }
 
 TORCH_LIBRARY_IMPL(ssiu, CPU, m) {
@@ -1889,6 +1973,7 @@ TORCH_LIBRARY_IMPL(ssiu, CPU, m) {
   m.impl("gelu_gate", gelu_gate);
   m.impl("gelu_gate_backward", gelu_gate_backward);
   m.impl("moe_combine", moe_combine);
+  m.impl("moe_combine_backward", moe_combine_backward);
   m.impl("linear_backward", linear_backward);
   m.impl("linear_bf16", linear_bf16);
   m.impl("gelu_product_bf16", gelu_product_bf16);
