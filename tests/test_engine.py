@@ -313,7 +313,7 @@ TRAINABLE = {
 }
 
 
-KERNEL_NODES = {'HaloAttentionBackward', 'GeluGateBackward', 'DepthwiseReflectBackward', 'Conv1x1Backward',
+KERNEL_NODES = {'HaloAttentionBackward', 'GatedConv1x1Backward', 'DepthwiseReflectBackward', 'Conv1x1Backward',
                 'SharedInputConv1x1Backward', 'UpsampleUpdateBackward', 'MoEMixBackward'}
 
 

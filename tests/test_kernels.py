@@ -207,6 +207,35 @@ def test_linear_backward_refuses_bad_input():
         torch.ops.ssiu.linear_backward(torch.randn(10, 4), torch.randn(10, 16), torch.randn(4, 16), torch.randn(9, 16))
 
 
+@pytest.mark.parametrize('batch, c_in, c_out, size', [(3, 32, 24, (11, 9)), (2, 48, 64, (40, 50))])
+def test_gated_conv1x1_backward_is_the_gradient_of_the_projected_gate(batch, c_in, c_out, size):
+    h = (torch.randn(batch, c_in, *size) * 3).contiguous(memory_format=torch.channels_last).requires_grad_()
+    u = torch.randn(batch, c_in, *size).contiguous(memory_format=torch.channels_last).requires_grad_()
+    weight = torch.randn(c_out, c_in, 1, 1).requires_grad_()
+    bias = torch.randn(c_out).requires_grad_()
+    gate = F.gelu(h) * u
+    out = F.conv2d(gate, weight, bias)
+    grad = torch.randn_like(out)
+    expected = torch.autograd.grad(out, (h, u, weight, bias), grad)
+    dh, du, dweight, dbias = kernels.gated_conv1x1_backward(grad, *(t.detach() for t in (gate, h, u, weight)))
+    assert dh.is_contiguous(memory_format=torch.channels_last) and du.shape == u.shape
+    for got, ref in zip((dh, du, dweight.view_as(weight), dbias), expected):
+        assert (got - ref).abs().max() <= 1e-5 * (1 + float(ref.abs().max()))
+
+
+def test_gated_linear_backward_refuses_bad_input():
+    g, x, w = torch.randn(10, 4), torch.randn(10, 16), torch.randn(4, 16)
+    with pytest.raises(RuntimeError, match='multiple of 16'):
+        torch.ops.ssiu.gated_linear_backward(g, torch.randn(10, 24), torch.randn(10, 24), torch.randn(10, 24),
+                                             torch.randn(4, 24))
+    with pytest.raises(RuntimeError, match='rows'):
+        torch.ops.ssiu.gated_linear_backward(torch.randn(9, 4), x, x, x, w)
+    with pytest.raises(RuntimeError, match='one shape'):
+        torch.ops.ssiu.gated_linear_backward(g, x, torch.randn(10, 32), x, w)
+    with pytest.raises(RuntimeError, match='weight must be'):
+        torch.ops.ssiu.gated_linear_backward(g, x, x, x, torch.randn(16, 4))
+
+
 def test_gelu_gate_and_its_backward_match_autograd():
     h = (torch.randn(2, 7, 5, 32) * 4).requires_grad_()  # GELU's whole range, tails included
     u = torch.randn(2, 7, 5, 32).requires_grad_()

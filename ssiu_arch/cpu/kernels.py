@@ -179,3 +179,18 @@ def conv1x1_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor |
         b, _, h, w = x.shape
         dx = dx.view(b, h, w, -1).permute(0, 3, 1, 2)
     return dx, dweight, dbias
+
+
+def gated_conv1x1_backward(grad: torch.Tensor, gate: torch.Tensor, h: torch.Tensor, u: torch.Tensor,
+                           weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of ``conv(gate)``, a 1x1 convolution (``weight`` (C_out, C_in, 1, 1)) of MSGM's ``gate = GELU(h) *
+    u``, from the output's gradient ``grad`` (B, C_out, H, W), the gate and its inputs (B, C_in, H, W), float32, C_in
+    a multiple of 16: ``h``'s and ``u``'s (channels-last), the weight's (C_out, C_in) and the bias's (C_out), in one
+    pass (channels-last memory is read in place, other layouts are copied to it first)."""
+    def rows(t: torch.Tensor) -> torch.Tensor:
+        return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
+
+    dh, du, dweight, dbias = torch.ops.ssiu.gated_linear_backward(rows(grad), rows(gate), rows(h), rows(u),
+                                                                  weight.reshape(weight.shape[0], -1))
+    b, _, height, width = h.shape
+    return (*(t.view(b, height, width, -1).permute(0, 3, 1, 2) for t in (dh, du)), dweight, dbias)

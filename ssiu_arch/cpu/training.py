@@ -7,8 +7,9 @@ PyTorch form is many small passes over the maps, computed here by kernels with t
 - ESAM's halo attention (:class:`HaloAttention`): gathering the windows, the two batched products and the
   softmax are one kernel forward and one backward, which recomputes the scores from q and k instead of storing
   the probabilities;
-- MSGM's gate ``GELU(W_1 x) * W_3 DW(W_2 x)`` (:class:`GeluGate`): one pass forward and one backward, where eager
-  PyTorch makes two and three;
+- MSGM's gate ``GELU(W_1 x) * W_3 DW(W_2 x)`` and its output projection ``W_o`` (:class:`GatedConv1x1`): the gate in
+  one pass forward, where eager PyTorch makes two, and backward one pass for the gradients of ``W_o`` and of the
+  gate's inputs, where eager PyTorch makes four;
 - the reflect-padded depthwise convolutions of MSGM and ESAM (:class:`DepthwiseReflect`): no padded copy of the
   map forward, and one pass backward for the input, weight and bias gradients;
 - the 1x1 convolutions of MSGM and ESAM's qkv projection (:class:`Conv1x1`, :class:`SharedInputConv1x1`):
@@ -21,8 +22,8 @@ PyTorch form is many small passes over the maps, computed here by kernels with t
   convolutions as :class:`Conv1x1`.
 
 LayerNorm, pooling, the head and the tail are the modules' own calls, so those parameters get their gradients from
-the same operators as in the reference. ``tests/test_engine.py`` checks outputs and gradients
-against the reference forward.
+the same operators as in the reference. ``tests/test_engine.py`` checks outputs and gradients against the reference
+forward.
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ from ssiu_arch.archs.ssiu_arch import ESAM, MSGM, SSIU, MoEFeatureSelector, SSRM
 from ssiu_arch.cpu import kernels
 from ssiu_arch.utils.cpu_features import fastest_times
 
-__all__ = ['Conv1x1', 'DepthwiseReflect', 'GeluGate', 'HaloAttention', 'MoEMix', 'SharedInputConv1x1',
+__all__ = ['Conv1x1', 'DepthwiseReflect', 'GatedConv1x1', 'HaloAttention', 'MoEMix', 'SharedInputConv1x1',
            'UpsampleUpdate', 'backward_timings', 'forward', 'kernel_backward_pays', 'supported']
 
 # Kernel limits of the attention's backward pass: heads of 16, 32, ... 128 channels, windows of at most 128 keys.
@@ -91,10 +92,7 @@ class Conv1x1(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 other: torch.Tensor | None) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
-        if other is None:
-            return F.conv2d(x, weight, bias)
-        return torch.ops.mkldnn._convolution_pointwise.binary(x, other, weight, bias, [0, 0], [1, 1], [1, 1], 1, 'add',
-                                                              None, None, [], None)
+        return _conv1x1_forward(x, weight, bias, other)
 
     @staticmethod
     @once_differentiable
@@ -126,6 +124,15 @@ class SharedInputConv1x1(torch.autograd.Function):
             dx, dweight, dbias = _conv1x1_gradients(grad, x, weight, needs[0], dx)
             params += [dweight if needs[1 + 2 * index] else None, dbias if needs[2 + 2 * index] else None]
         return dx, *params
+
+
+def _conv1x1_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                     other: torch.Tensor | None) -> torch.Tensor:
+    """``conv(x)``, plus ``other`` in oneDNN's epilogue if given."""
+    if other is None:
+        return F.conv2d(x, weight, bias)
+    return torch.ops.mkldnn._convolution_pointwise.binary(x, other, weight, bias, [0, 0], [1, 1], [1, 1], 1, 'add',
+                                                          None, None, [], None)
 
 
 def _conv1x1_gradients(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, needs_x: bool,
@@ -222,19 +229,31 @@ class MoEMix(torch.autograd.Function):
         return grad_skip, *dlogits, *dexperts
 
 
-class GeluGate(torch.autograd.Function):
-    """``GELU(h) * u`` for two maps of one shape and memory layout."""
+class GatedConv1x1(torch.autograd.Function):
+    """``conv(GELU(h) * u)``, or plus ``other`` in oneDNN's epilogue: MSGM's gate and output projection, for
+    channels-last NCHW maps. Forward: the gate in one pass, then oneDNN's convolution. Backward: where the engine's 1x1
+    backward pays on this CPU (:func:`kernel_backward_pays`), one pass of
+    :func:`ssiu_arch.cpu.kernels.gated_conv1x1_backward` for the gradients of the weight, the bias, h and u; elsewhere
+    oneDNN's backward, then the gate's backward in one pass."""
 
     @staticmethod
-    def forward(ctx, h: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(h, u)
-        return _flat(torch.ops.ssiu.gelu_gate, h, u)[0]
+    def forward(ctx, h: torch.Tensor, u: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                other: torch.Tensor | None) -> torch.Tensor:
+        gate = _flat(torch.ops.ssiu.gelu_gate, h, u)[0]
+        ctx.save_for_backward(gate, h, u, weight)
+        return _conv1x1_forward(gate, weight, bias, other)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: torch.Tensor):
-        h, u = ctx.saved_tensors
-        return _flat(torch.ops.ssiu.gelu_gate_backward, grad, h, u)
+        gate, h, u, weight = ctx.saved_tensors
+        if kernel_backward_pays():
+            dh, du, dweight, dbias = kernels.gated_conv1x1_backward(grad, gate, h, u, weight)
+            dweight = dweight.view_as(weight)
+        else:
+            dgate, dweight, dbias = _onednn_backward(grad, gate, weight, True)
+            dh, du = _flat(torch.ops.ssiu.gelu_gate_backward, dgate, h, u)
+        return dh, du, dweight, dbias, grad if ctx.needs_input_grad[4] else None
 
 
 def _flat(op, *maps: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -276,8 +295,8 @@ def msgm(m: MSGM, x: torch.Tensor, add: torch.Tensor | None = None,
     ``W_1 x`` and ``W_2 x`` where :func:`input_projections` computed them."""
     h, t = projections or input_projections(x, m)
     _, dw, w3 = m.project_in2
-    gate = GeluGate.apply(h, conv1x1(w3, depthwise(dw, t)))
-    return conv1x1(m.project_out, gate, add)
+    u = conv1x1(w3, depthwise(dw, t))
+    return GatedConv1x1.apply(h, u, m.project_out.weight, m.project_out.bias, add)
 
 
 def esam_update(m: ESAM, v: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

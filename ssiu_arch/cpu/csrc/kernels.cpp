@@ -4,7 +4,8 @@
 // maps is memory traffic, not arithmetic. Tracing and ONNX export compose the same results from standard
 // operators (see ssiu_arch/cpu/kernels.py and ssiu_arch/cpu/engine.py). The engine's training path
 // (ssiu_arch/cpu/training.py) uses the backward kernels: halo_attention_backward, gelu_gate_backward,
-// depthwise_reflect_backward, moe_combine_backward and linear_backward (a 1x1 convolution's).
+// depthwise_reflect_backward, moe_combine_backward, linear_backward (a 1x1 convolution's) and
+// gated_linear_backward (a 1x1 convolution of MSGM's gate).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -154,7 +155,8 @@ RowKernel row_kernel(int64_t k) {
 
 // erf of 16 lanes by Abramowitz & Stegun 7.1.26 (absolute error below 1.5e-7, the approximation PyTorch's
 // vectorized CPU erf uses), and GELU(x) = x / 2 (1 + erf(x / sqrt 2)).
-inline __attribute__((always_inline)) Vec16 erf16(Vec16 x) {
+// erf16_from takes exp(-x^2) as computed by the caller, who may need it too.
+inline __attribute__((always_inline)) Vec16 erf16_from(Vec16 x, Vec16 exp_minus_square) {
   const Int16 sign = float_to_bits(x) & INT32_MIN;
   const Vec16 a = bits_to_float(float_to_bits(x) ^ sign);
   const Vec16 t = 1.f / (1.f + 0.3275911f * a);
@@ -162,8 +164,17 @@ inline __attribute__((always_inline)) Vec16 erf16(Vec16 x) {
   poly = poly * t + 1.421413741f;
   poly = poly * t - 0.284496736f;
   poly = poly * t + 0.254829592f;
-  const Vec16 r = 1.f - poly * t * exp16(-a * a);  // >= 0: erf(|x|)
+  const Vec16 r = 1.f - poly * t * exp_minus_square;  // >= 0: erf(|x|)
   return bits_to_float(float_to_bits(r) | sign);
+}
+
+inline __attribute__((always_inline)) Vec16 erf16(Vec16 x) { return erf16_from(x, exp16(-x * x)); }
+
+// Phi(x) and phi(x), the standard normal's distribution and density, of 16 lanes, with one exp.
+inline __attribute__((always_inline)) void normal_cdf_pdf(Vec16 x, Vec16& cdf, Vec16& pdf) {
+  const Vec16 e = exp16(-0.5f * x * x);
+  cdf = 0.5f * (1.f + erf16_from(x * 0.70710678118654752f, e));
+  pdf = 0.39894228040143268f * e;
 }
 
 inline __attribute__((always_inline)) Vec16 gelu16(Vec16 x) { return 0.5f * x * (1.f + erf16(x * 0.70710678118654752f)); }
@@ -300,6 +311,38 @@ SSIU_TARGETS void add_rows(const float* g, int64_t rows, int64_t o, float* db) {
   }
 }
 
+// Adds the weight gradient (o, i) of `rows` rows of g (rows, o) and x (rows, i) to dw, and their bias gradient to the
+// o values after it.
+void weight_bias_grad_chunk(int64_t rows, int64_t o, int64_t i, const float* g, const float* x, float* dw) {
+  for (int64_t col = 0; col < i; col += 64) {
+    switch (std::min<int64_t>(4, (i - col) / 16)) {
+      case 1: weight_grad_columns<1>(rows, o, g, x + col, i, dw + col); break;
+      case 2: weight_grad_columns<2>(rows, o, g, x + col, i, dw + col); break;
+      case 3: weight_grad_columns<3>(rows, o, g, x + col, i, dw + col); break;
+      default: weight_grad_columns<4>(rows, o, g, x + col, i, dw + col); break;
+    }
+  }
+  add_rows(g, rows, o, dw + o * i);
+}
+
+// MSGM's gate for training, over n values (a multiple of 16): out = GELU(h) * u, and its gradients from the
+// output's gradient g: dh = g u GELU'(h), du = g GELU(h), with GELU'(h) = Phi(h) + h phi(h). One pass each,
+// where eager PyTorch makes two forward and three backward passes over the maps.
+SSIU_TARGETS void gelu_gate_values(const float* h, const float* u, int64_t n, float* out) {
+  for (int64_t i = 0; i < n; i += 16) store16(out + i, gelu16(load16(h + i)) * load16(u + i));
+}
+
+SSIU_TARGETS void gelu_gate_gradients(const float* g, const float* h, const float* u, int64_t n, float* dh,
+                                      float* du) {
+  for (int64_t i = 0; i < n; i += 16) {
+    const Vec16 x = load16(h + i), gi = load16(g + i);
+    Vec16 cdf, pdf;
+    normal_cdf_pdf(x, cdf, pdf);
+    store16(dh + i, gi * load16(u + i) * (cdf + x * pdf));
+    store16(du + i, gi * (x * cdf));
+  }
+}
+
 // Gradients of a 1x1 convolution (a linear map of pixels, y = x W^T + b) from its output's gradient g (m, o) and
 // its input x (m, i), both channels-last rows, i a multiple of 16: dw (o, i) = g^T x, db (o) = column sums of g and,
 // given the weight (o, i), dx (m, i) = g W, plus `add` (m, i) if given: the input gradient of an earlier
@@ -339,16 +382,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward(const at::Tensor&
       for (int64_t n0 = m * t / tasks, stop = m * (t + 1) / tasks; n0 < stop; n0 += kChunk) {
         const int64_t rows = std::min(kChunk, stop - n0);
         const float* gc = g_data + n0 * o;
-        for (int64_t col = 0; col < i; col += 64) {
-          const float* xc = x_data + n0 * i + col;
-          switch (std::min<int64_t>(4, (i - col) / 16)) {
-            case 1: weight_grad_columns<1>(rows, o, gc, xc, i, dw + col); break;
-            case 2: weight_grad_columns<2>(rows, o, gc, xc, i, dw + col); break;
-            case 3: weight_grad_columns<3>(rows, o, gc, xc, i, dw + col); break;
-            default: weight_grad_columns<4>(rows, o, gc, xc, i, dw + col); break;
-          }
-        }
-        add_rows(gc, rows, o, dw + o * i);
+        weight_bias_grad_chunk(rows, o, i, gc, x_data + n0 * i, dw);
         if (add_data) {
           gemm<Epilogue::kAdd>(rows, o, i, gc, o, w_data, zeros.data(), add_data + n0 * i, nullptr, i,
                                dx_data + n0 * i, i);
@@ -360,6 +394,61 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward(const at::Tensor&
   });
   const at::Tensor total = tasks > 1 ? partial.sum(0) : partial[0];
   return {dx, total.slice(0, 0, o * i).view({o, i}), total.slice(0, o * i)};
+}
+
+// Gradients of MSGM's output projection of its gate, y = x W^T + b for x = GELU(h) u, from y's gradient g (m, o),
+// the gate x and its inputs h and u (m, i): dw (o, i), db (o), dh and du (m, i). linear_backward and
+// gelu_gate_backward in one pass: each chunk's rows of the gate's gradient g W stay in L1 and become dh and du, where
+// the two passes wrote that gradient out and read it back. (Recomputing the gate here instead of keeping it from the
+// forward pass measured 15% slower: its erf costs more than reading it.)
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_linear_backward(const at::Tensor& grad,
+                                                                                 const at::Tensor& gate,
+                                                                                 const at::Tensor& h,
+                                                                                 const at::Tensor& u,
+                                                                                 const at::Tensor& weight) {
+  TORCH_CHECK(grad.dim() == 2 && gate.dim() == 2 && grad.size(0) == gate.size(0) && grad.scalar_type() == at::kFloat &&
+                  grad.device().is_cpu(),
+              "gated_linear_backward: grad (m, o) must be a float32 CPU matrix of the gate's rows, got ", grad.sizes(),
+              " and ", gate.sizes());
+  for (const at::Tensor* t : {&gate, &h, &u}) {
+    TORCH_CHECK(t->sizes() == gate.sizes() && t->scalar_type() == at::kFloat && t->device().is_cpu(),
+                "gated_linear_backward: the gate, h and u must be float32 CPU matrices of one shape, got ",
+                gate.sizes(), ", ", h.sizes(), " and ", u.sizes());
+  }
+  const int64_t m = gate.size(0), i = gate.size(1), o = grad.size(1);
+  TORCH_CHECK(i % 16 == 0, "gated_linear_backward: input channels must be a multiple of 16, got ", i);
+  TORCH_CHECK(weight.sizes() == at::IntArrayRef({o, i}) && weight.scalar_type() == at::kFloat,
+              "gated_linear_backward: weight must be float32 (", o, ", ", i, ")");
+  const at::Tensor g = grad.contiguous(), x = gate.contiguous(), hc = h.contiguous(), uc = u.contiguous();
+  const at::Tensor w = weight.contiguous();
+  at::Tensor dh = at::empty({m, i}, x.options()), du = at::empty({m, i}, x.options());
+  const std::vector<float> zeros(i, 0.f);
+  constexpr int64_t kChunk = 64;
+  const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), m / (16 * kChunk)));
+  at::Tensor partial = at::zeros({tasks, o * i + o}, x.options());
+  const float* g_data = g.data_ptr<float>();
+  const float* x_data = x.data_ptr<float>();
+  const float* h_data = hc.data_ptr<float>();
+  const float* u_data = uc.data_ptr<float>();
+  const float* w_data = w.data_ptr<float>();
+  float* dh_data = dh.data_ptr<float>();
+  float* du_data = du.data_ptr<float>();
+  float* p_data = partial.data_ptr<float>();
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> dgate(kChunk * i);
+    for (int64_t t = begin; t < end; ++t) {
+      float* dw = p_data + t * (o * i + o);
+      for (int64_t n0 = m * t / tasks, stop = m * (t + 1) / tasks; n0 < stop; n0 += kChunk) {
+        const int64_t rows = std::min(kChunk, stop - n0), at = n0 * i;
+        const float* gc = g_data + n0 * o;
+        weight_bias_grad_chunk(rows, o, i, gc, x_data + at, dw);
+        gemm<Epilogue::kBias>(rows, o, i, gc, o, w_data, zeros.data(), nullptr, nullptr, 0, dgate.data(), i);
+        gelu_gate_gradients(dgate.data(), h_data + at, u_data + at, rows * i, dh_data + at, du_data + at);
+      }
+    }
+  });
+  const at::Tensor total = tasks > 1 ? partial.sum(0) : partial[0];
+  return {dh, du, total.slice(0, 0, o * i).view({o, i}), total.slice(0, o * i)};
 }
 
 // LayerNorm over the c channels of each of `pixels` pixels: (x - mean) / sqrt(var + eps) * weight + bias, with
@@ -1760,24 +1849,6 @@ std::tuple<at::Tensor, at::Tensor> halo_attention_backward(const at::Tensor& gra
   return {dqkv, demb.sum(0).view({window, window, dim})};
 }
 
-// MSGM's gate for training, over n values (a multiple of 16): out = GELU(h) * u, and its gradients from the
-// output's gradient g: dh = g u GELU'(h), du = g GELU(h), with GELU'(h) = Phi(h) + h phi(h). One pass each,
-// where eager PyTorch makes two forward and three backward passes over the maps.
-SSIU_TARGETS void gelu_gate_values(const float* h, const float* u, int64_t n, float* out) {
-  for (int64_t i = 0; i < n; i += 16) store16(out + i, gelu16(load16(h + i)) * load16(u + i));
-}
-
-SSIU_TARGETS void gelu_gate_gradients(const float* g, const float* h, const float* u, int64_t n, float* dh,
-                                      float* du) {
-  for (int64_t i = 0; i < n; i += 16) {
-    const Vec16 x = load16(h + i), gi = load16(g + i);
-    const Vec16 cdf = 0.5f * (1.f + erf16(x * 0.70710678118654752f));
-    const Vec16 pdf = 0.39894228040143268f * exp16(-0.5f * x * x);
-    store16(dh + i, gi * load16(u + i) * (cdf + x * pdf));
-    store16(du + i, gi * (x * cdf));
-  }
-}
-
 void check_gate_maps(const char* name, std::initializer_list<const at::Tensor*> maps) {
   const at::Tensor& first = **maps.begin();
   for (const at::Tensor* t : maps) {
@@ -1958,6 +2029,8 @@ TORCH_LIBRARY(ssiu, m) {
   m.def("gelu_gate(Tensor h, Tensor u) -> Tensor");
   m.def("gelu_gate_backward(Tensor grad, Tensor h, Tensor u) -> (Tensor, Tensor)");
   m.def("linear_backward(Tensor grad, Tensor x, Tensor? weight, Tensor? add=None) -> (Tensor, Tensor, Tensor)");
+  m.def("gated_linear_backward(Tensor grad, Tensor gate, Tensor h, Tensor u, Tensor weight) -> "
+        "(Tensor, Tensor, Tensor, Tensor)");
   m.def("moe_combine(Tensor[] logits, Tensor[] experts, Tensor? residual, bool with_gates) -> (Tensor, Tensor, Tensor)");
   m.def("moe_combine_backward(Tensor grad, Tensor? grad_skip, Tensor gates, Tensor? grad_gates, Tensor[] experts) -> "
         "(Tensor[], Tensor[])");
@@ -1975,6 +2048,7 @@ TORCH_LIBRARY_IMPL(ssiu, CPU, m) {
   m.impl("moe_combine", moe_combine);
   m.impl("moe_combine_backward", moe_combine_backward);
   m.impl("linear_backward", linear_backward);
+  m.impl("gated_linear_backward", gated_linear_backward);
   m.impl("linear_bf16", linear_bf16);
   m.impl("gelu_product_bf16", gelu_product_bf16);
 }
