@@ -314,7 +314,7 @@ TRAINABLE = {
 
 
 KERNEL_NODES = {'HaloAttentionBackward', 'GatedConv1x1Backward', 'DepthwiseReflectBackward', 'Conv1x1Backward',
-                'SharedInputConv1x1Backward', 'UpsampleUpdateBackward', 'MoEMixBackward'}
+                'SharedInputConv1x1Backward', 'UpsampleUpdateBackward', 'MoEMixBackward', 'TapSumBackward'}
 
 
 @pytest.mark.parametrize('kw', [dict(num_feat=32, num_heads=2),

@@ -19,15 +19,17 @@ PyTorch form is many small passes over the maps, computed here by kernels with t
   in that pass;
 - ``v + ESAM(v) - b`` with ESAM's upsampling in one pass (:class:`UpsampleUpdate`);
 - MoE-FS's softmax over the experts and gated sum, with the residual sums after it (:class:`MoEMix`), and its 1x1
-  convolutions as :class:`Conv1x1`.
+  convolutions as :class:`Conv1x1`;
+- the tail without full-width maps at the output's resolution (:func:`tail`, :class:`TapSum`).
 
-LayerNorm, pooling, the head and the tail are the modules' own calls, so those parameters get their gradients from
-the same operators as in the reference. ``tests/test_engine.py`` checks outputs and gradients against the reference
+LayerNorm, pooling and the head are the modules' own calls, so those parameters get their gradients from the same
+operators as in the reference. ``tests/test_engine.py`` checks outputs and gradients against the reference
 forward.
 """
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +41,7 @@ from ssiu_arch.cpu import kernels
 from ssiu_arch.utils.cpu_features import fastest_times
 
 __all__ = ['Conv1x1', 'DepthwiseReflect', 'GatedConv1x1', 'HaloAttention', 'MoEMix', 'SharedInputConv1x1',
-           'UpsampleUpdate', 'backward_timings', 'forward', 'kernel_backward_pays', 'supported']
+           'TapSum', 'UpsampleUpdate', 'backward_timings', 'forward', 'kernel_backward_pays', 'supported']
 
 # Kernel limits of the attention's backward pass: heads of 16, 32, ... 128 channels, windows of at most 128 keys.
 MAX_HEAD_DIM = 128
@@ -263,6 +265,36 @@ def _flat(op, *maps: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return tuple(t.permute(0, 3, 1, 2) for t in (out if isinstance(out, (tuple, list)) else (out,)))
 
 
+class TapSum(torch.autograd.Function):
+    """A k x k convolution's output from its k² tap maps: (B, k k C_out, H, W), channels ordered (ky, kx, o), each map
+    the input's pixels times one tap's weights -> (B, C_out, H, W), the maps reflect-padded and summed, each shifted by
+    its tap. Backward: each tap map's gradient is the output's gradient shifted back, so one zero-filled padded map
+    takes the k² copies and the padding's backward folds its border in (autograd would zero-fill a padded map per
+    tap)."""
+
+    @staticmethod
+    def forward(ctx, taps: torch.Tensor, k: int) -> torch.Tensor:
+        _, _, height, width = taps.shape
+        ctx.shape, ctx.k = taps.shape, k
+        p = k // 2
+        padded = F.pad(taps, (p, p, p, p), mode='reflect').unflatten(1, (k, k, -1))
+        out = padded[:, 0, 0, :, :height, :width].clone()
+        for ky, kx in ((ky, kx) for ky in range(k) for kx in range(k) if ky or kx):
+            out += padded[:, ky, kx, :, ky:ky + height, kx:kx + width]
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        b, n, height, width = ctx.shape
+        k, p = ctx.k, ctx.k // 2
+        padded = grad.new_zeros(b, k, k, n // (k * k), height + 2 * p, width + 2 * p)
+        for ky in range(k):
+            for kx in range(k):
+                padded[:, ky, kx, :, ky:ky + height, kx:kx + width] = grad
+        return torch.ops.aten.reflection_pad2d_backward(padded.flatten(1, 3), grad.new_empty(ctx.shape), [p] * 4), None
+
+
 def supported(net: SSIU) -> bool:
     """Whether the kernels' backward formulas cover ``net``'s ESAMs (its other parts the engine has checked)."""
     for step in net.body:
@@ -321,6 +353,34 @@ def step(s: SSRMStep, a: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return msgm(s.ffn, a, add=a)
 
 
+def tail(t: nn.Sequential, feat: torch.Tensor) -> torch.Tensor:
+    """``t(feat)`` for the tail's (1x1 convolution, PixelShuffle(r), GELU) stages and final k x k convolution, on a
+    channels-last NCHW map, without a full-width map at the output's resolution: 1x1 products and GELU commute with
+    pixel shuffling, so every stage runs on the unshuffled map (its weight's rows reordered to sub-pixel-major), the
+    final convolution's k² taps are one more 1x1 product (:class:`Conv1x1`, k k C_out channels), and only those are
+    shuffled, then summed shifted (:class:`TapSum`)."""
+    *stages, last = t
+    b, _, h, w = feat.shape
+    factors = []
+    for conv, shuffle in zip(stages[0::3], stages[1::3]):
+        r = shuffle.upscale_factor
+        c = conv.out_channels // (r * r)
+        weight = conv.weight.view(c, r, r, -1).permute(1, 2, 0, 3).reshape(conv.out_channels, -1, 1, 1)
+        bias = conv.bias.view(c, r, r).permute(1, 2, 0).reshape(-1)
+        out = F.gelu(Conv1x1.apply(feat, weight, bias, None))  # (B, r r c, h, w R): memory (B, h, w, R, r, r, c)
+        feat = out.permute(0, 2, 3, 1).reshape(b, h, -1, c).permute(0, 3, 1, 2)  # (B, c, h, w R r r)
+        factors.append(r)
+    k, o = last.kernel_size[0], last.out_channels
+    taps = Conv1x1.apply(feat, last.weight.permute(2, 3, 0, 1).reshape(k * k * o, -1, 1, 1), None, None)
+    # (B, h, w, i_1, j_1, i_2, j_2, ..., taps) -> (B, h, i_1, i_2, ..., w, j_1, j_2, ..., taps): the pixel shuffles
+    n = len(factors)
+    taps = taps.permute(0, 2, 3, 1).reshape(b, h, w, *(r for r in factors for _ in 'ij'), k * k * o)
+    order = [0, 1, *range(3, 3 + 2 * n, 2), 2, *range(4, 4 + 2 * n, 2), 3 + 2 * n]
+    scale = math.prod(factors)
+    taps = taps.permute(order).reshape(b, h * scale, w * scale, -1).permute(0, 3, 1, 2)
+    return TapSum.apply(taps, k) + last.bias.view(1, -1, 1, 1)
+
+
 def moe(m: MoEFeatureSelector, experts: list[torch.Tensor], y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """:meth:`MoEFeatureSelector.forward` plus ``y``, as the tail reads it: ``fuse(mixed) + mixed + y`` and the gates
     (B, 3, C, H, W), the gated sum and both residual sums in one pass (:class:`MoEMix`)."""
@@ -346,8 +406,8 @@ def forward(net: SSIU, x: torch.Tensor, return_aux: bool = False):
     experts = [estimates[index] for index in net.expert_steps]
     fused, gates = moe(net.moe, experts, y)
     skip = F.interpolate(x, scale_factor=s, mode='bilinear', align_corners=False)
-    out = (net.tail(fused) + skip)[..., :h * s, :w * s]
+    out = (tail(net.tail, fused) + skip)[..., :h * s, :w * s]
     if not return_aux:
         return out
-    steps = [(net.tail(e + y) + skip)[..., :h * s, :w * s] for e in experts]
+    steps = [(tail(net.tail, e + y) + skip)[..., :h * s, :w * s] for e in experts]
     return out, {'gates': gates[..., :h, :w], 'step_outputs': steps}
