@@ -106,26 +106,30 @@ class Conv1x1(torch.autograd.Function):
 
 
 class SharedInputConv1x1(torch.autograd.Function):
-    """``(conv_1(x), ..., conv_n(x))`` for 1x1 convolutions of one channels-last NCHW map, given as ``x, weight_1,
-    bias_1, ..., weight_n, bias_n``: as n :class:`Conv1x1`, except that each backward pass adds the input gradient of
-    the one before, where autograd would sum the n input gradients in passes of their own."""
+    """``(conv_1(x), ..., conv_n(x))`` for 1x1 convolutions of one channels-last NCHW map, given as ``x, residual,
+    weight_1, bias_1, ..., weight_n, bias_n``, and ``x + residual`` after them unless ``residual`` is None: as n
+    :class:`Conv1x1` (and a sum), except that each backward pass adds the input gradient of the one before (the
+    first adds the sum's), where autograd would sum the input gradients in passes of their own."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, *params: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    def forward(ctx, x: torch.Tensor, residual: torch.Tensor | None,
+                *params: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
         weights, biases = params[::2], params[1::2]
         ctx.save_for_backward(x, *weights)
-        return tuple(F.conv2d(x, weight, bias) for weight, bias in zip(weights, biases))
+        outs = tuple(F.conv2d(x, weight, bias) for weight, bias in zip(weights, biases))
+        return outs if residual is None else (*outs, x + residual)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, *grads: torch.Tensor):
         x, *weights = ctx.saved_tensors
         needs = ctx.needs_input_grad
-        dx, params = None, []
+        summed = grads[len(weights)] if len(grads) > len(weights) else None
+        dx, params = summed if needs[0] else None, []
         for index, (grad, weight) in enumerate(zip(grads, weights)):
             dx, dweight, dbias = _conv1x1_gradients(grad, x, weight, needs[0], dx)
-            params += [dweight if needs[1 + 2 * index] else None, dbias if needs[2 + 2 * index] else None]
-        return dx, *params
+            params += [dweight if needs[2 + 2 * index] else None, dbias if needs[3 + 2 * index] else None]
+        return dx, summed if needs[1] else None, *params
 
 
 def _conv1x1_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -315,10 +319,11 @@ def conv1x1(conv: nn.Conv2d, x: torch.Tensor, add: torch.Tensor | None = None) -
     return Conv1x1.apply(x, conv.weight, conv.bias, add)
 
 
-def input_projections(x: torch.Tensor, *msgms: MSGM) -> tuple[torch.Tensor, ...]:
-    """``W_1 x`` and ``W_2 x`` of each MSGM reading ``x``, in order (:class:`SharedInputConv1x1`)."""
+def input_projections(x: torch.Tensor, *msgms: MSGM, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+    """``W_1 x`` and ``W_2 x`` of each MSGM reading ``x``, in order, then ``x + residual`` if given
+    (:class:`SharedInputConv1x1`)."""
     convs = [conv for m in msgms for conv in (m.project_in1, m.project_in2[0])]
-    return SharedInputConv1x1.apply(x, *[p for conv in convs for p in (conv.weight, conv.bias)])
+    return SharedInputConv1x1.apply(x, residual, *[p for conv in convs for p in (conv.weight, conv.bias)])
 
 
 def msgm(m: MSGM, x: torch.Tensor, add: torch.Tensor | None = None,
@@ -346,8 +351,8 @@ def esam_update(m: ESAM, v: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def step(s: SSRMStep, a: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """:meth:`SSRMStep.forward`, its residual sums in the convolutions' epilogues and the upsampling pass."""
     a = s.norm(a)
-    h1, t1, h2, t2 = input_projections(a, s.s1, s.s2)
-    v = msgm(s.s1, a, add=a + y, projections=(h1, t1))  # a + z + y
+    h1, t1, h2, t2, a_y = input_projections(a, s.s1, s.s2, residual=y)
+    v = msgm(s.s1, a, add=a_y, projections=(h1, t1))  # a + z + y
     b = msgm(s.s2, a, projections=(h2, t2))
     a = msgm(s.s4, esam_update(s.s3, v, b), add=b)  # v + ESAM(v) - b, then MSGM_4 + b
     return msgm(s.ffn, a, add=a)
