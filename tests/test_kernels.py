@@ -236,6 +236,33 @@ def test_gated_linear_backward_refuses_bad_input():
         torch.ops.ssiu.gated_linear_backward(g, x, x, x, torch.randn(16, 4))
 
 
+@pytest.mark.parametrize('pixels, channels', [(37, 64), (4100, 32)])
+def test_layer_norm_rows_and_backward_match_layer_norm(pixels, channels):
+    x = (torch.randn(pixels, channels) * 3 + 1).requires_grad_()
+    weight, bias = torch.randn(channels).requires_grad_(), torch.randn(channels).requires_grad_()
+    ref = F.layer_norm(x, (channels,), weight, bias, 1e-6)
+    grad = torch.randn_like(ref)
+    expected = torch.autograd.grad(ref, (x, weight, bias), grad)
+    out, mean, rstd = torch.ops.ssiu.layer_norm_rows_forward(x.detach(), weight.detach(), bias.detach(), 1e-6)
+    assert (out - ref).abs().max() <= 1e-5
+    got = torch.ops.ssiu.layer_norm_rows_backward(grad, x.detach(), mean, rstd, weight.detach())
+    for a, b in zip(got, expected):
+        assert (a - b).abs().max() <= 1e-5 * (1 + float(b.abs().max()))
+
+
+def test_layer_norm_rows_refuses_bad_input():
+    x, w = torch.randn(8, 24), torch.randn(24)
+    with pytest.raises(RuntimeError, match='multiple of 16'):
+        torch.ops.ssiu.layer_norm_rows_forward(x, w, w, 1e-6)
+    x, w = torch.randn(8, 16), torch.randn(16)
+    with pytest.raises(RuntimeError, match='weight and bias'):
+        torch.ops.ssiu.layer_norm_rows_forward(x, w[:8], w, 1e-6)
+    with pytest.raises(RuntimeError, match='of one shape'):
+        torch.ops.ssiu.layer_norm_rows_backward(torch.randn(7, 16), x, torch.ones(8), torch.ones(8), w)
+    with pytest.raises(RuntimeError, match='mean and rstd'):
+        torch.ops.ssiu.layer_norm_rows_backward(x, x, torch.ones(7), torch.ones(8), w)
+
+
 def test_gelu_gate_and_its_backward_match_autograd():
     h = (torch.randn(2, 7, 5, 32) * 4).requires_grad_()  # GELU's whole range, tails included
     u = torch.randn(2, 7, 5, 32).requires_grad_()

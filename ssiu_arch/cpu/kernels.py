@@ -7,8 +7,8 @@ turns them off. Only the CPU engine
 (:mod:`ssiu_arch.cpu.engine`) uses them; without them the network runs its own modules, about 2x slower for
 inference, and says so once, as it does for tracing and ONNX export, since the kernels have no ONNX mapping.
 The engine's training path (:mod:`ssiu_arch.cpu.training`) wraps the backward kernels in autograd functions: ESAM's
-halo attention, MSGM's GELU gate, the reflect-padded depthwise convolution, MoE-FS's gated sum and the 1x1
-convolution.
+halo attention, MSGM's GELU gate, the reflect-padded depthwise convolution, MoE-FS's gated sum, the LayerNorm over
+channels and the 1x1 convolution.
 """
 from __future__ import annotations
 

@@ -20,10 +20,11 @@ PyTorch form is many small passes over the maps, computed here by kernels with t
 - ``v + ESAM(v) - b`` with ESAM's upsampling in one pass (:class:`UpsampleUpdate`);
 - MoE-FS's softmax over the experts and gated sum, with the residual sums after it (:class:`MoEMix`), and its 1x1
   convolutions as :class:`Conv1x1`;
-- the tail without full-width maps at the output's resolution (:func:`tail`, :class:`TapSum`).
+- the tail without full-width maps at the output's resolution (:func:`tail`, :class:`TapSum`);
+- the LayerNorm over channels (:class:`ChannelNorm`).
 
-LayerNorm, pooling and the head are the modules' own calls, so those parameters get their gradients from the same
-operators as in the reference. ``tests/test_engine.py`` checks outputs and gradients against the reference
+Pooling and the head are the modules' own calls, so those parameters get their gradients from the same operators as
+in the reference. ``tests/test_engine.py`` checks outputs and gradients against the reference
 forward.
 """
 from __future__ import annotations
@@ -40,8 +41,9 @@ from ssiu_arch.archs.ssiu_arch import ESAM, MSGM, SSIU, MoEFeatureSelector, SSRM
 from ssiu_arch.cpu import kernels
 from ssiu_arch.utils.cpu_features import fastest_times
 
-__all__ = ['Conv1x1', 'DepthwiseReflect', 'GatedConv1x1', 'HaloAttention', 'MoEMix', 'SharedInputConv1x1',
-           'TapSum', 'UpsampleUpdate', 'backward_timings', 'forward', 'kernel_backward_pays', 'supported']
+__all__ = ['ChannelNorm', 'Conv1x1', 'DepthwiseReflect', 'GatedConv1x1', 'HaloAttention', 'MoEMix',
+           'SharedInputConv1x1', 'TapSum', 'UpsampleUpdate', 'backward_timings', 'forward', 'kernel_backward_pays',
+           'supported']
 
 # Kernel limits of the attention's backward pass: heads of 16, 32, ... 128 channels, windows of at most 128 keys.
 MAX_HEAD_DIM = 128
@@ -186,6 +188,33 @@ def _backward_timings(threads: int) -> tuple[float, float]:
         runs['kernel'] = lambda: kernels.conv1x1_backward(grad, x, weight)
     best = fastest_times(runs, repeats=6)
     return best.get('kernel', float('inf')), best['onednn']
+
+
+class ChannelNorm(torch.autograd.Function):
+    """LayerNorm over the channels of a channels-last NCHW map (``ChannelLayerNorm``), forward and backward one pass
+    each (:func:`ssiu_arch.cpu.kernels` ``layer_norm_rows_forward`` and ``_backward``), the backward's weight and bias
+    gradients included, where ATen's takes more passes."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+        b, c, h, w = x.shape
+        rows = _rows(x)
+        out, mean, rstd = torch.ops.ssiu.layer_norm_rows_forward(rows, weight, bias, eps)
+        ctx.save_for_backward(rows, mean, rstd, weight)
+        return out.view(b, h, w, c).permute(0, 3, 1, 2)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        rows, mean, rstd, weight = ctx.saved_tensors
+        b, c, h, w = grad.shape
+        dx, dweight, dbias = torch.ops.ssiu.layer_norm_rows_backward(_rows(grad), rows, mean, rstd, weight)
+        return dx.view(b, h, w, c).permute(0, 3, 1, 2), dweight, dbias, None
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """An NCHW map as (pixels, channels) rows: a view of channels-last memory, else a copy."""
+    return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
 
 
 class UpsampleUpdate(torch.autograd.Function):
@@ -350,7 +379,8 @@ def esam_update(m: ESAM, v: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def step(s: SSRMStep, a: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """:meth:`SSRMStep.forward`, its residual sums in the convolutions' epilogues and the upsampling pass."""
-    a = s.norm(a)
+    norm = s.norm.body
+    a = ChannelNorm.apply(a, norm.weight, norm.bias, norm.eps)
     h1, t1, h2, t2, a_y = input_projections(a, s.s1, s.s2, residual=y)
     v = msgm(s.s1, a, add=a_y, projections=(h1, t1))  # a + z + y
     b = msgm(s.s2, a, projections=(h2, t2))

@@ -4,8 +4,8 @@
 // maps is memory traffic, not arithmetic. Tracing and ONNX export compose the same results from standard
 // operators (see ssiu_arch/cpu/kernels.py and ssiu_arch/cpu/engine.py). The engine's training path
 // (ssiu_arch/cpu/training.py) uses the backward kernels: halo_attention_backward, gelu_gate_backward,
-// depthwise_reflect_backward, moe_combine_backward, linear_backward (a 1x1 convolution's) and
-// gated_linear_backward (a 1x1 convolution of MSGM's gate).
+// depthwise_reflect_backward, moe_combine_backward, layer_norm_rows_backward, linear_backward (a 1x1 convolution's)
+// and gated_linear_backward (a 1x1 convolution of MSGM's gate).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -487,6 +487,105 @@ SSIU_TARGETS void layer_norm_rows(const float* x, int64_t pixels, int64_t c, con
 #else
 #define SSIU_HAVE_BF16 0
 #endif
+
+// LayerNorm for training over the c channels (a multiple of 16) of the rows of x (m, c): out as layer_norm_rows,
+// with each row's mean and 1 / std kept for the backward pass.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_rows_forward(const at::Tensor& x, const at::Tensor& weight,
+                                                                      const at::Tensor& bias, double eps) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.device().is_cpu() && x.size(1) % 16 == 0,
+              "layer_norm_rows_forward: x must be a float32 CPU matrix (m, c), c a multiple of 16, got ", x.sizes());
+  const int64_t m = x.size(0), c = x.size(1);
+  TORCH_CHECK(weight.numel() == c && bias.numel() == c && weight.scalar_type() == at::kFloat &&
+                  bias.scalar_type() == at::kFloat,
+              "layer_norm_rows_forward: weight and bias must be float32 of ", c, " values");
+  const at::Tensor xc = x.contiguous(), w = weight.contiguous(), b = bias.contiguous();
+  at::Tensor out = at::empty_like(xc), mean = at::empty({m}, xc.options()), rstd = at::empty({m}, xc.options());
+  const float* xp = xc.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  const float* bp = b.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  float* mp = mean.data_ptr<float>();
+  float* rp = rstd.data_ptr<float>();
+  at::parallel_for(0, m, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t px = begin; px < end; ++px) {
+      const float* row = xp + px * c;
+      Vec16 sum{};
+      for (int64_t ch = 0; ch < c; ch += 16) sum += load16(row + ch);
+      const float mu = lanes_sum(sum) / static_cast<float>(c);
+      Vec16 squares{};
+      for (int64_t ch = 0; ch < c; ch += 16) {
+        const Vec16 d = load16(row + ch) - mu;
+        squares += d * d;
+      }
+      const float r = 1.f / std::sqrt(lanes_sum(squares) / static_cast<float>(c) + static_cast<float>(eps));
+      for (int64_t ch = 0; ch < c; ch += 16) {
+        store16(op + px * c + ch, (load16(row + ch) - mu) * r * load16(wp + ch) + load16(bp + ch));
+      }
+      mp[px] = mu, rp[px] = r;
+    }
+  });
+  return {out, mean, rstd};
+}
+
+// Backward of layer_norm_rows_forward from out's gradient g (m, c): with xhat = (x - mean) / std and gw = g weight,
+// dx = (gw - mean_c(gw) - xhat mean_c(gw xhat)) / std; dweight = column sums of g xhat, dbias = column sums of g, as
+// sums of 64-row chunk sums per thread (see weight_grad_tile).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_rows_backward(const at::Tensor& grad, const at::Tensor& x,
+                                                                       const at::Tensor& mean, const at::Tensor& rstd,
+                                                                       const at::Tensor& weight) {
+  TORCH_CHECK(x.dim() == 2 && grad.sizes() == x.sizes() && x.scalar_type() == at::kFloat &&
+                  grad.scalar_type() == at::kFloat && x.device().is_cpu() && grad.device().is_cpu() &&
+                  x.size(1) % 16 == 0,
+              "layer_norm_rows_backward: grad and x must be float32 CPU matrices (m, c) of one shape, c a multiple of "
+              "16, got ", grad.sizes(), " and ", x.sizes());
+  const int64_t m = x.size(0), c = x.size(1);
+  TORCH_CHECK(mean.numel() == m && rstd.numel() == m && weight.numel() == c && mean.scalar_type() == at::kFloat &&
+                  rstd.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat,
+              "layer_norm_rows_backward: mean and rstd must be float32 of ", m, " values, weight of ", c);
+  const at::Tensor g = grad.contiguous(), xc = x.contiguous(), w = weight.contiguous();
+  const at::Tensor mu = mean.contiguous(), rs = rstd.contiguous();
+  at::Tensor dx = at::empty_like(xc);
+  constexpr int64_t kChunk = 64;
+  const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), m / (16 * kChunk)));
+  at::Tensor partial = at::zeros({tasks, 2 * c}, xc.options());
+  const float* gp = g.data_ptr<float>();
+  const float* xp = xc.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  const float* mp = mu.data_ptr<float>();
+  const float* rp = rs.data_ptr<float>();
+  float* dxp = dx.data_ptr<float>();
+  float* pp = partial.data_ptr<float>();
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> chunk(2 * c);
+    for (int64_t t = begin; t < end; ++t) {
+      float* sums = pp + t * 2 * c;  // dweight, then dbias
+      for (int64_t n0 = m * t / tasks, stop = m * (t + 1) / tasks; n0 < stop; n0 += kChunk) {
+        std::fill(chunk.begin(), chunk.end(), 0.f);
+        for (int64_t px = n0, last = std::min(stop, n0 + kChunk); px < last; ++px) {
+          const float* gr = gp + px * c;
+          const float* xr = xp + px * c;
+          const float mu_px = mp[px], r = rp[px];
+          Vec16 sum_gw{}, sum_gwx{};
+          for (int64_t ch = 0; ch < c; ch += 16) {
+            const Vec16 gv = load16(gr + ch), xhat = (load16(xr + ch) - mu_px) * r, gw = gv * load16(wp + ch);
+            sum_gw += gw;
+            sum_gwx += gw * xhat;
+            store16(chunk.data() + ch, load16(chunk.data() + ch) + gv * xhat);
+            store16(chunk.data() + c + ch, load16(chunk.data() + c + ch) + gv);
+          }
+          const float a = lanes_sum(sum_gw) / static_cast<float>(c), b = lanes_sum(sum_gwx) / static_cast<float>(c);
+          for (int64_t ch = 0; ch < c; ch += 16) {
+            const Vec16 xhat = (load16(xr + ch) - mu_px) * r;
+            store16(dxp + px * c + ch, (load16(gr + ch) * load16(wp + ch) - a - xhat * b) * r);
+          }
+        }
+        for (int64_t k = 0; k < 2 * c; k += 16) store16(sums + k, load16(sums + k) + load16(chunk.data() + k));
+      }
+    }
+  });
+  const at::Tensor total = tasks > 1 ? partial.sum(0) : partial[0];
+  return {dx, total.slice(0, 0, c), total.slice(0, c)};
+}
 
 bool bf16_supported() {
 #if SSIU_HAVE_BF16
@@ -2027,6 +2126,9 @@ TORCH_LIBRARY(ssiu, m) {
   m.def("halo_attention_backward(Tensor grad, Tensor qkv, Tensor embedding, int heads, int block, int halo) -> "
         "(Tensor, Tensor)");
   m.def("gelu_gate(Tensor h, Tensor u) -> Tensor");
+  m.def("layer_norm_rows_forward(Tensor x, Tensor weight, Tensor bias, float eps) -> (Tensor, Tensor, Tensor)");
+  m.def("layer_norm_rows_backward(Tensor grad, Tensor x, Tensor mean, Tensor rstd, Tensor weight) -> "
+        "(Tensor, Tensor, Tensor)");
   m.def("gelu_gate_backward(Tensor grad, Tensor h, Tensor u) -> (Tensor, Tensor)");
   m.def("linear_backward(Tensor grad, Tensor x, Tensor? weight, Tensor? add=None) -> (Tensor, Tensor, Tensor)");
   m.def("gated_linear_backward(Tensor grad, Tensor gate, Tensor h, Tensor u, Tensor weight) -> "
@@ -2044,6 +2146,8 @@ TORCH_LIBRARY_IMPL(ssiu, CPU, m) {
   m.impl("halo_attention", halo_attention);
   m.impl("halo_attention_backward", halo_attention_backward);
   m.impl("gelu_gate", gelu_gate);
+  m.impl("layer_norm_rows_forward", layer_norm_rows_forward);
+  m.impl("layer_norm_rows_backward", layer_norm_rows_backward);
   m.impl("gelu_gate_backward", gelu_gate_backward);
   m.impl("moe_combine", moe_combine);
   m.impl("moe_combine_backward", moe_combine_backward);
