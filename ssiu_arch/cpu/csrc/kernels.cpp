@@ -1558,6 +1558,54 @@ SSIU_TARGETS void group_weighted_sum(const float* p, const float* inv, const flo
   }
 }
 
+// rows[r][c] -> rows[c][r] for 16 rows of 16 lanes, in four rounds, each of which swaps one bit of the row index
+// with that bit of the lane index (two-source shuffles of row pairs), where scalar stores take 256.
+inline __attribute__((always_inline)) void transpose16(Vec16* rows) {
+  static constexpr Int16 kLow[4] = {{0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30},
+                                    {0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29},
+                                    {0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27},
+                                    {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23}};
+  static constexpr Int16 kHigh[4] = {{1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31},
+                                     {2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31},
+                                     {4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31},
+                                     {8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31}};
+  for (int b = 0; b < 4; ++b) {
+    const int m = 1 << b;
+    for (int r = 0; r < 16; ++r) {
+      if (r & m) continue;
+      const Vec16 lo = rows[r], hi = rows[r | m];
+      rows[r] = __builtin_shuffle(lo, hi, kLow[b]);
+      rows[r | m] = __builtin_shuffle(lo, hi, kHigh[b]);
+    }
+  }
+}
+
+// One head's keys (plus the embedding) or values of the window around block (by, bx), transposed: out (dim, padded)
+// with out[d][j] for window pixel j, zero outside the map and for j >= window^2; `rows` (window^2, dim) gets them
+// untransposed if given. `offset` selects keys (C) or values (2 C) within a qkv pixel; `embedding` may be null.
+SSIU_TARGETS void window_transposed(const float* qkv, const float* embedding, int64_t h, int64_t w, int64_t c,
+                                    int64_t dim, int64_t channel, int64_t block, int64_t halo, int64_t by,
+                                    int64_t bx, float* out, float* rows) {
+  const int64_t window = block + 2 * halo, n_keys = window * window, padded = (n_keys + 15) / 16 * 16;
+  for (int64_t j0 = 0; j0 < padded; j0 += 16) {
+    for (int64_t d0 = 0; d0 < dim; d0 += 16) {
+      Vec16 tile[16];
+      for (int64_t jj = 0; jj < 16; ++jj) {
+        const int64_t j = j0 + jj, y = by * block - halo + j / window, x = bx * block - halo + j % window;
+        Vec16 v{};
+        if (j < n_keys) {
+          if (y >= 0 && y < h && x >= 0 && x < w) v = load16(qkv + (y * w + x) * 3 * c + channel + d0);
+          if (embedding) v += load16(embedding + j * dim + d0);
+          if (rows) store16(rows + j * dim + d0, v);
+        }
+        tile[jj] = v;
+      }
+      transpose16(tile);
+      for (int64_t dd = 0; dd < 16; ++dd) store16(out + (d0 + dd) * padded + j0, tile[dd]);
+    }
+  }
+}
+
 // Halo block attention of ESAM on its qkv map, for one (image, block row, block column).
 //   qkv: (h, w, 3 C) with queries, keys, values in channel thirds, each split into `heads` heads of `dim`;
 //   embedding: (window, window, dim) added to every key window; keys and values outside the map are zero.
@@ -1830,20 +1878,12 @@ SSIU_TARGETS void attend_head_backward(const float* qkv, const float* grad, cons
   float tail[16] = {};
   for (int64_t lane = n_keys - (padded - 16); lane < 16; ++lane) tail[lane] = -3.0e38f;
   const float scales[kGroup] = {scale, scale, scale, scale};
-  std::fill(s.keys_t.begin(), s.keys_t.end(), 0.f);
-  std::fill(s.values_t.begin(), s.values_t.end(), 0.f);
   for (int64_t by = 0; by < h / block; ++by) {
     for (int64_t bx = 0; bx < w / block; ++bx) {
-      for (int64_t j = 0; j < n_keys; ++j) {
-        const int64_t y = by * block - halo + j / window, x = bx * block - halo + j % window;
-        const bool inside = y >= 0 && y < h && x >= 0 && x < w;
-        const float* key = qkv + (y * w + x) * 3 * c + c + head * dim;
-        for (int64_t d = 0; d < dim; ++d) {
-          const float k = (inside ? key[d] : 0.f) + embedding[j * dim + d];
-          s.keys_t[d * padded + j] = s.keys[j * dim + d] = k;
-          s.values_t[d * padded + j] = inside ? key[c + d] : 0.f;
-        }
-      }
+      window_transposed(qkv, embedding, h, w, c, dim, c + head * dim, block, halo, by, bx, s.keys_t.data(),
+                        s.keys.data());
+      window_transposed(qkv, nullptr, h, w, c, dim, 2 * c + head * dim, block, halo, by, bx, s.values_t.data(),
+                        nullptr);
       for (int64_t i = 0; i < queries; ++i) {
         const int64_t pixel = (by * block + i / block) * w + bx * block + i % block;
         s.q[i] = qkv + pixel * 3 * c + head * dim;
