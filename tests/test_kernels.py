@@ -192,6 +192,37 @@ def test_conv1x1_backward_is_the_convolution_gradient():
     assert kernels.conv1x1_backward(g, x, None)[0] is None
 
 
+@pytest.mark.parametrize('outs, with_add', [((64, 64, 64, 64), True), ((24,), False), ((48, 16), False)])
+def test_shared_conv1x1_backward_sums_the_input_gradients(outs, with_add):
+    x = torch.randn(3, 32, 29, 31).contiguous(memory_format=torch.channels_last).requires_grad_()
+    weights = [torch.randn(o, 32, 1, 1).requires_grad_() for o in outs]
+    biases = [torch.randn(o).requires_grad_() for o in outs]
+    outputs = [F.conv2d(x, w, b) for w, b in zip(weights, biases)]
+    grads = [torch.randn_like(out) for out in outputs]
+    add = torch.randn_like(x) if with_add else None
+    expected = torch.autograd.grad(outputs, [x, *weights, *biases], grads)
+    dx, dweights, dbiases = kernels.shared_conv1x1_backward(grads, x.detach(), [w.detach() for w in weights], add)
+    assert dx.is_contiguous(memory_format=torch.channels_last)
+    got = [dx - (add if with_add else 0), *(d.view_as(w) for d, w in zip(dweights, weights)), *dbiases]
+    for a, b in zip(got, expected):
+        assert (a - b).abs().max() <= 1e-5 * (1 + float(b.abs().max()))
+
+
+def test_linear_backward_shared_refuses_bad_input():
+    x = torch.randn(10, 16)
+    with pytest.raises(RuntimeError, match='one weight for each'):
+        torch.ops.ssiu.linear_backward_shared([torch.randn(10, 4)], x, [], None)
+    with pytest.raises(RuntimeError, match='multiple of 16'):
+        torch.ops.ssiu.linear_backward_shared([torch.randn(10, 4)], torch.randn(10, 24), [torch.randn(4, 24)], None)
+    with pytest.raises(RuntimeError, match="x's 10 rows"):
+        torch.ops.ssiu.linear_backward_shared([torch.randn(9, 4)], x, [torch.randn(4, 16)], None)
+    with pytest.raises(RuntimeError, match='weight 1 must be'):
+        torch.ops.ssiu.linear_backward_shared([torch.randn(10, 4)] * 2, x, [torch.randn(4, 16), torch.randn(5, 16)],
+                                              None)
+    with pytest.raises(RuntimeError, match='add must be'):
+        torch.ops.ssiu.linear_backward_shared([torch.randn(10, 4)], x, [torch.randn(4, 16)], torch.randn(9, 16))
+
+
 def test_linear_backward_refuses_bad_input():
     with pytest.raises(RuntimeError, match='multiple of 16'):
         torch.ops.ssiu.linear_backward(torch.randn(10, 4), torch.randn(10, 24), None)

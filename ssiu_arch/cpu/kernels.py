@@ -181,6 +181,22 @@ def conv1x1_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor |
     return dx, dweight, dbias
 
 
+def shared_conv1x1_backward(grads: list[torch.Tensor], x: torch.Tensor, weights: list[torch.Tensor],
+                            add: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor],
+                                                                      list[torch.Tensor]]:
+    """Gradients of 1x1 convolutions ``conv_k(x)`` of one input, as :func:`conv1x1_backward` each, with the input's
+    gradients summed (plus ``add`` if given) in the same pass: (dx (channels-last), [dweight_k (C_k, C_in)],
+    [dbias_k]). Each chunk of ``x`` is read once for every convolution."""
+    def rows(t: torch.Tensor) -> torch.Tensor:
+        return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
+
+    dx, dweights, dbiases = torch.ops.ssiu.linear_backward_shared(
+        [rows(g) for g in grads], rows(x), [w.reshape(w.shape[0], -1) for w in weights],
+        None if add is None else rows(add))
+    b, _, h, w = x.shape
+    return dx.view(b, h, w, -1).permute(0, 3, 1, 2), list(dweights), list(dbiases)
+
+
 def gated_conv1x1_backward(grad: torch.Tensor, gate: torch.Tensor, h: torch.Tensor, u: torch.Tensor,
                            weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of ``conv(gate)``, a 1x1 convolution (``weight`` (C_out, C_in, 1, 1)) of MSGM's ``gate = GELU(h) *

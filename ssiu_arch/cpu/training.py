@@ -110,8 +110,9 @@ class Conv1x1(torch.autograd.Function):
 class SharedInputConv1x1(torch.autograd.Function):
     """``(conv_1(x), ..., conv_n(x))`` for 1x1 convolutions of one channels-last NCHW map, given as ``x, residual,
     weight_1, bias_1, ..., weight_n, bias_n``, and ``x + residual`` after them unless ``residual`` is None: as n
-    :class:`Conv1x1` (and a sum), except that each backward pass adds the input gradient of the one before (the
-    first adds the sum's), where autograd would sum the input gradients in passes of their own."""
+    :class:`Conv1x1` (and a sum), except that the input's gradients are summed (the sum's included) where they are
+    computed, in one kernel pass over ``x`` where the engine's backward pays (:func:`kernel_backward_pays`), else each
+    oneDNN backward adds the one before, where autograd would sum the input gradients in passes of their own."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, residual: torch.Tensor | None,
@@ -127,10 +128,15 @@ class SharedInputConv1x1(torch.autograd.Function):
         x, *weights = ctx.saved_tensors
         needs = ctx.needs_input_grad
         summed = grads[len(weights)] if len(grads) > len(weights) else None
-        dx, params = summed if needs[0] else None, []
-        for index, (grad, weight) in enumerate(zip(grads, weights)):
-            dx, dweight, dbias = _conv1x1_gradients(grad, x, weight, needs[0], dx)
-            params += [dweight if needs[2 + 2 * index] else None, dbias if needs[3 + 2 * index] else None]
+        if needs[0] and kernel_backward_pays():  # one pass for all of them
+            dx, dweights, dbiases = kernels.shared_conv1x1_backward(list(grads[:len(weights)]), x, weights, summed)
+            gradients = zip((d.view_as(w) for d, w in zip(dweights, weights)), dbiases)
+        else:
+            dx, gradients = summed if needs[0] else None, []
+            for grad, weight in zip(grads, weights):
+                dx, dweight, dbias = _conv1x1_gradients(grad, x, weight, needs[0], dx)
+                gradients.append((dweight, dbias))
+        params = [g if needs[2 + index] else None for index, g in enumerate(t for pair in gradients for t in pair)]
         return dx, summed if needs[1] else None, *params
 
 

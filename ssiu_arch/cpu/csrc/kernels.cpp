@@ -4,8 +4,9 @@
 // maps is memory traffic, not arithmetic. Tracing and ONNX export compose the same results from standard
 // operators (see ssiu_arch/cpu/kernels.py and ssiu_arch/cpu/engine.py). The engine's training path
 // (ssiu_arch/cpu/training.py) uses the backward kernels: halo_attention_backward, gelu_gate_backward,
-// depthwise_reflect_backward, moe_combine_backward, layer_norm_rows_backward, linear_backward (a 1x1 convolution's)
-// and gated_linear_backward (a 1x1 convolution of MSGM's gate).
+// depthwise_reflect_backward, moe_combine_backward, layer_norm_rows_backward, linear_backward (a 1x1 convolution's),
+// linear_backward_shared (1x1 convolutions of one input) and gated_linear_backward (a 1x1 convolution of MSGM's
+// gate).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -487,6 +488,78 @@ SSIU_TARGETS void layer_norm_rows(const float* x, int64_t pixels, int64_t c, con
 #else
 #define SSIU_HAVE_BF16 0
 #endif
+
+// linear_backward for n 1x1 convolutions of one input x (m, i): grads[k] (m, o_k) and weights[k] (o_k, i). Returns
+// dx = sum_k grads[k] W_k (plus `add` if given), and each weight's and bias's gradient. Each chunk of x is read once
+// for all n weight gradients, and its rows of dx are summed in L1 over the n products, where n linear_backward
+// calls read x n times and write and read dx back n - 1 times.
+std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> linear_backward_shared(
+    at::TensorList grads, const at::Tensor& x, at::TensorList weights, const std::optional<at::Tensor>& add) {
+  const int64_t n = static_cast<int64_t>(grads.size());
+  TORCH_CHECK(n >= 1 && static_cast<int64_t>(weights.size()) == n,
+              "linear_backward_shared: one weight for each of one or more gradients");
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.device().is_cpu() && x.size(1) % 16 == 0,
+              "linear_backward_shared: x must be a float32 CPU matrix (m, i), i a multiple of 16, got ", x.sizes());
+  const int64_t m = x.size(0), i = x.size(1);
+  std::vector<at::Tensor> g, w;
+  std::vector<int64_t> offsets{0};  // of each convolution's weight and bias gradients in a partial sum
+  for (int64_t k = 0; k < n; ++k) {
+    TORCH_CHECK(grads[k].dim() == 2 && grads[k].size(0) == m && grads[k].scalar_type() == at::kFloat &&
+                    grads[k].device().is_cpu(),
+                "linear_backward_shared: every gradient must be a float32 CPU matrix of x's ", m, " rows, got ",
+                grads[k].sizes());
+    const int64_t o = grads[k].size(1);
+    TORCH_CHECK(weights[k].sizes() == at::IntArrayRef({o, i}) && weights[k].scalar_type() == at::kFloat,
+                "linear_backward_shared: weight ", k, " must be float32 (", o, ", ", i, ")");
+    g.push_back(grads[k].contiguous());
+    w.push_back(weights[k].contiguous());
+    offsets.push_back(offsets.back() + o * i + o);
+  }
+  TORCH_CHECK(!add || (add->sizes() == x.sizes() && add->scalar_type() == at::kFloat),
+              "linear_backward_shared: add must be float32 and shaped as x");
+  const at::Tensor input = x.contiguous(), extra = add ? add->contiguous() : at::Tensor();
+  at::Tensor dx = at::empty({m, i}, input.options());
+  const std::vector<float> zeros(i, 0.f);
+  constexpr int64_t kChunk = 64;
+  const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), m / (16 * kChunk)));
+  at::Tensor partial = at::zeros({tasks, offsets.back()}, input.options());
+  const float* x_data = input.data_ptr<float>();
+  const float* add_data = add ? extra.data_ptr<float>() : nullptr;
+  float* dx_data = dx.data_ptr<float>();
+  float* p_data = partial.data_ptr<float>();
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scratch(2 * kChunk * i);  // the chunk's dx as it sums, in two buffers taken in turn
+    for (int64_t t = begin; t < end; ++t) {
+      float* dw = p_data + t * offsets.back();
+      for (int64_t n0 = m * t / tasks, stop = m * (t + 1) / tasks; n0 < stop; n0 += kChunk) {
+        const int64_t rows = std::min(kChunk, stop - n0);
+        const float* xc = x_data + n0 * i;
+        const float* sum = add_data ? add_data + n0 * i : nullptr;
+        for (int64_t k = 0; k < n; ++k) {
+          const int64_t o = g[k].size(1);
+          const float* gc = g[k].data_ptr<float>() + n0 * o;
+          weight_bias_grad_chunk(rows, o, i, gc, xc, dw + offsets[k]);
+          float* out = k == n - 1 ? dx_data + n0 * i : scratch.data() + (k % 2) * kChunk * i;
+          if (sum) {
+            gemm<Epilogue::kAdd>(rows, o, i, gc, o, w[k].data_ptr<float>(), zeros.data(), sum, nullptr, i, out, i);
+          } else {
+            gemm<Epilogue::kBias>(rows, o, i, gc, o, w[k].data_ptr<float>(), zeros.data(), nullptr, nullptr, 0, out,
+                                  i);
+          }
+          sum = out;
+        }
+      }
+    }
+  });
+  const at::Tensor total = tasks > 1 ? partial.sum(0) : partial[0];
+  std::vector<at::Tensor> dweights, dbiases;
+  for (int64_t k = 0; k < n; ++k) {
+    const int64_t o = g[k].size(1);
+    dweights.push_back(total.slice(0, offsets[k], offsets[k] + o * i).view({o, i}));
+    dbiases.push_back(total.slice(0, offsets[k] + o * i, offsets[k + 1]));
+  }
+  return {dx, dweights, dbiases};
+}
 
 // LayerNorm for training over the c channels (a multiple of 16) of the rows of x (m, c): out as layer_norm_rows,
 // with each row's mean and 1 / std kept for the backward pass.
@@ -2171,6 +2244,8 @@ TORCH_LIBRARY(ssiu, m) {
         "(Tensor, Tensor, Tensor)");
   m.def("gelu_gate_backward(Tensor grad, Tensor h, Tensor u) -> (Tensor, Tensor)");
   m.def("linear_backward(Tensor grad, Tensor x, Tensor? weight, Tensor? add=None) -> (Tensor, Tensor, Tensor)");
+  m.def("linear_backward_shared(Tensor[] grads, Tensor x, Tensor[] weights, Tensor? add) -> "
+        "(Tensor, Tensor[], Tensor[])");
   m.def("gated_linear_backward(Tensor grad, Tensor gate, Tensor h, Tensor u, Tensor weight) -> "
         "(Tensor, Tensor, Tensor, Tensor)");
   m.def("moe_combine(Tensor[] logits, Tensor[] experts, Tensor? residual, bool with_gates) -> (Tensor, Tensor, Tensor)");
@@ -2192,6 +2267,7 @@ TORCH_LIBRARY_IMPL(ssiu, CPU, m) {
   m.impl("moe_combine", moe_combine);
   m.impl("moe_combine_backward", moe_combine_backward);
   m.impl("linear_backward", linear_backward);
+  m.impl("linear_backward_shared", linear_backward_shared);
   m.impl("gated_linear_backward", gated_linear_backward);
   m.impl("linear_bf16", linear_bf16);
   m.impl("gelu_product_bf16", gelu_product_bf16);
