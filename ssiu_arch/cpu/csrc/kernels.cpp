@@ -110,28 +110,35 @@ inline int64_t reflect(int64_t j, int64_t n) { return j < 0 ? -j : (j >= n ? 2 *
 template <int64_t K>
 SSIU_TARGETS void depthwise_row(const float* const* rows, int64_t width, int64_t c, const float* taps,
                                 const float* bias, float* out) {
-  constexpr int64_t p = K / 2;
-  int64_t ch = 0;
-  for (; ch + 16 <= c; ch += 16) {
-    Vec16 w[K * K];
-    for (int64_t t = 0; t < K * K; ++t) w[t] = load16(taps + t * c + ch);
-    const Vec16 b = load16(bias + ch);
-    for (int64_t x = 0; x < width; ++x) {
-      Vec16 acc = b;
-      if (x >= p && x + p < width) {
-        for (int64_t ky = 0; ky < K; ++ky) {
-          const float* src = rows[ky] + (x - p) * c + ch;
-          for (int64_t kx = 0; kx < K; ++kx) acc += w[ky * K + kx] * load16(src + kx * c);
+  constexpr int64_t p = K / 2, kTile = 16;
+  const int64_t vector_channels = c / 16 * 16;
+  // Tiles of 16 pixels, each passing every block of 16 channels: the K input rows of a tile stay in L1 (walking the
+  // whole row per channel block read them from L2 once per block).
+  for (int64_t x0 = 0; x0 < width; x0 += kTile) {
+    const int64_t x1 = std::min(width, x0 + kTile);
+    for (int64_t ch = 0; ch < vector_channels; ch += 16) {
+      Vec16 w[K * K];
+      for (int64_t t = 0; t < K * K; ++t) w[t] = load16(taps + t * c + ch);
+      const Vec16 b = load16(bias + ch);
+      for (int64_t x = x0; x < x1; ++x) {
+        Vec16 acc = b;
+        if (x >= p && x + p < width) {
+          for (int64_t ky = 0; ky < K; ++ky) {
+            const float* src = rows[ky] + (x - p) * c + ch;
+            for (int64_t kx = 0; kx < K; ++kx) acc += w[ky * K + kx] * load16(src + kx * c);
+          }
+        } else {
+          for (int64_t ky = 0; ky < K; ++ky) {
+            for (int64_t kx = 0; kx < K; ++kx) {
+              acc += w[ky * K + kx] * load16(rows[ky] + reflect(x + kx - p, width) * c + ch);
+            }
+          }
         }
-      } else {
-        for (int64_t ky = 0; ky < K; ++ky) {
-          for (int64_t kx = 0; kx < K; ++kx) acc += w[ky * K + kx] * load16(rows[ky] + reflect(x + kx - p, width) * c + ch);
-        }
+        store16(out + x * c + ch, acc);
       }
-      store16(out + x * c + ch, acc);
     }
   }
-  for (; ch < c; ++ch) {
+  for (int64_t ch = vector_channels; ch < c; ++ch) {
     for (int64_t x = 0; x < width; ++x) {
       float acc = bias[ch];
       for (int64_t ky = 0; ky < K; ++ky) {
