@@ -744,26 +744,29 @@ SSIU_BF16_TARGET inline void store_bf16(uint16_t* p, __m512 v) {
 template <int64_t K>
 SSIU_BF16_TARGET void depthwise_row_bf16(const uint16_t* const* rows, int64_t width, int64_t c, const float* taps,
                                          const float* bias, uint16_t* out) {
-  constexpr int64_t p = K / 2;
-  for (int64_t ch = 0; ch < c; ch += 16) {
-    __m512 w[K * K];
-    for (int64_t t = 0; t < K * K; ++t) w[t] = _mm512_loadu_ps(taps + t * c + ch);
-    const __m512 b = _mm512_loadu_ps(bias + ch);
-    for (int64_t x = 0; x < width; ++x) {
-      __m512 acc = b;
-      if (x >= p && x + p < width) {
-        for (int64_t ky = 0; ky < K; ++ky) {
-          const uint16_t* src = rows[ky] + (x - p) * c + ch;
-          for (int64_t kx = 0; kx < K; ++kx) acc = _mm512_fmadd_ps(w[ky * K + kx], load_bf16(src + kx * c), acc);
-        }
-      } else {
-        for (int64_t ky = 0; ky < K; ++ky) {
-          for (int64_t kx = 0; kx < K; ++kx) {
-            acc = _mm512_fmadd_ps(w[ky * K + kx], load_bf16(rows[ky] + reflect(x + kx - p, width) * c + ch), acc);
+  constexpr int64_t p = K / 2, kTile = 16;  // tiles of pixels passing every channel block, as in depthwise_row
+  for (int64_t x0 = 0; x0 < width; x0 += kTile) {
+    const int64_t x1 = std::min(width, x0 + kTile);
+    for (int64_t ch = 0; ch < c; ch += 16) {
+      __m512 w[K * K];
+      for (int64_t t = 0; t < K * K; ++t) w[t] = _mm512_loadu_ps(taps + t * c + ch);
+      const __m512 b = _mm512_loadu_ps(bias + ch);
+      for (int64_t x = x0; x < x1; ++x) {
+        __m512 acc = b;
+        if (x >= p && x + p < width) {
+          for (int64_t ky = 0; ky < K; ++ky) {
+            const uint16_t* src = rows[ky] + (x - p) * c + ch;
+            for (int64_t kx = 0; kx < K; ++kx) acc = _mm512_fmadd_ps(w[ky * K + kx], load_bf16(src + kx * c), acc);
+          }
+        } else {
+          for (int64_t ky = 0; ky < K; ++ky) {
+            for (int64_t kx = 0; kx < K; ++kx) {
+              acc = _mm512_fmadd_ps(w[ky * K + kx], load_bf16(rows[ky] + reflect(x + kx - p, width) * c + ch), acc);
+            }
           }
         }
+        store_bf16(out + x * c + ch, acc);
       }
-      store_bf16(out + x * c + ch, acc);
     }
   }
 }
