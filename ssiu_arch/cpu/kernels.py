@@ -163,6 +163,11 @@ def gelu_product_bf16(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: t
     return torch.ops.ssiu.gelu_product_bf16(x, w1, b1, w2)
 
 
+def pixel_rows(t: torch.Tensor) -> torch.Tensor:
+    """An NCHW map as a (pixels, channels) matrix: a view of channels-last memory, else a copy."""
+    return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
+
+
 def conv1x1_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None,
                      add: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """Gradients of a 1x1 convolution from its output's gradient ``grad`` (B, C_out, H, W) and its input ``x``
@@ -170,11 +175,9 @@ def conv1x1_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor |
     ``weight`` (C_out, C_in, 1, 1) is given (else None), plus ``add`` (shaped as ``x``) if given, the weight's
     (C_out, C_in) and the bias's (C_out), in one pass over the maps (channels-last memory is read in place, other
     layouts are copied to it first)."""
-    def rows(t: torch.Tensor) -> torch.Tensor:
-        return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
-
     flat = None if weight is None else weight.reshape(weight.shape[0], -1)
-    dx, dweight, dbias = torch.ops.ssiu.linear_backward(rows(grad), rows(x), flat, None if add is None else rows(add))
+    dx, dweight, dbias = torch.ops.ssiu.linear_backward(pixel_rows(grad), pixel_rows(x), flat,
+                                                        None if add is None else pixel_rows(add))
     if dx is not None:
         b, _, h, w = x.shape
         dx = dx.view(b, h, w, -1).permute(0, 3, 1, 2)
@@ -187,12 +190,9 @@ def shared_conv1x1_backward(grads: list[torch.Tensor], x: torch.Tensor, weights:
     """Gradients of 1x1 convolutions ``conv_k(x)`` of one input, as :func:`conv1x1_backward` each, with the input's
     gradients summed (plus ``add`` if given) in the same pass: (dx (channels-last), [dweight_k (C_k, C_in)],
     [dbias_k]). Each chunk of ``x`` is read once for every convolution."""
-    def rows(t: torch.Tensor) -> torch.Tensor:
-        return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
-
     dx, dweights, dbiases = torch.ops.ssiu.linear_backward_shared(
-        [rows(g) for g in grads], rows(x), [w.reshape(w.shape[0], -1) for w in weights],
-        None if add is None else rows(add))
+        [pixel_rows(g) for g in grads], pixel_rows(x), [w.reshape(w.shape[0], -1) for w in weights],
+        None if add is None else pixel_rows(add))
     b, _, h, w = x.shape
     return dx.view(b, h, w, -1).permute(0, 3, 1, 2), list(dweights), list(dbiases)
 
@@ -203,10 +203,7 @@ def gated_conv1x1_backward(grad: torch.Tensor, gate: torch.Tensor, h: torch.Tens
     u``, from the output's gradient ``grad`` (B, C_out, H, W), the gate and its inputs (B, C_in, H, W), float32, C_in
     a multiple of 16: ``h``'s and ``u``'s (channels-last), the weight's (C_out, C_in) and the bias's (C_out), in one
     pass (channels-last memory is read in place, other layouts are copied to it first)."""
-    def rows(t: torch.Tensor) -> torch.Tensor:
-        return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
-
-    dh, du, dweight, dbias = torch.ops.ssiu.gated_linear_backward(rows(grad), rows(gate), rows(h), rows(u),
+    dh, du, dweight, dbias = torch.ops.ssiu.gated_linear_backward(*map(pixel_rows, (grad, gate, h, u)),
                                                                   weight.reshape(weight.shape[0], -1))
     b, _, height, width = h.shape
     return (*(t.view(b, height, width, -1).permute(0, 3, 1, 2) for t in (dh, du)), dweight, dbias)

@@ -24,8 +24,7 @@ PyTorch form is many small passes over the maps, computed here by kernels with t
 - the LayerNorm over channels (:class:`ChannelNorm`).
 
 Pooling and the head are the modules' own calls, so those parameters get their gradients from the same operators as
-in the reference. ``tests/test_engine.py`` checks outputs and gradients against the reference
-forward.
+in the reference. ``tests/test_engine.py`` checks outputs and gradients against the reference forward.
 """
 from __future__ import annotations
 
@@ -204,7 +203,7 @@ class ChannelNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
         b, c, h, w = x.shape
-        rows = _rows(x)
+        rows = kernels.pixel_rows(x)
         out, mean, rstd = torch.ops.ssiu.layer_norm_rows_forward(rows, weight, bias, eps)
         ctx.save_for_backward(rows, mean, rstd, weight)
         return out.view(b, h, w, c).permute(0, 3, 1, 2)
@@ -214,13 +213,8 @@ class ChannelNorm(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         rows, mean, rstd, weight = ctx.saved_tensors
         b, c, h, w = grad.shape
-        dx, dweight, dbias = torch.ops.ssiu.layer_norm_rows_backward(_rows(grad), rows, mean, rstd, weight)
+        dx, dweight, dbias = torch.ops.ssiu.layer_norm_rows_backward(kernels.pixel_rows(grad), rows, mean, rstd, weight)
         return dx.view(b, h, w, c).permute(0, 3, 1, 2), dweight, dbias, None
-
-
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """An NCHW map as (pixels, channels) rows: a view of channels-last memory, else a copy."""
-    return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
 
 
 class UpsampleUpdate(torch.autograd.Function):
