@@ -294,6 +294,37 @@ def test_layer_norm_rows_refuses_bad_input():
         torch.ops.ssiu.layer_norm_rows_backward(x, x, torch.ones(7), torch.ones(8), w)
 
 
+@pytest.mark.parametrize('size, stride', [((8, 12), 2), ((9, 7), 2), ((11, 10), 3)])
+def test_max_pool2_and_its_backward_match_max_pooling(size, stride):
+    x = torch.randn(2, 32, *size).contiguous(memory_format=torch.channels_last).requires_grad_()
+    ref = F.max_pool2d(x, 2, stride)
+    grad, other = torch.randn_like(ref), torch.randn_like(x)
+    expected, = torch.autograd.grad(ref, x, grad)
+    out, argmax = torch.ops.ssiu.max_pool2(nhwc(x.detach()), stride)
+    assert torch.equal(nchw(out), ref)
+    got = torch.ops.ssiu.max_pool2_backward(nhwc(grad), argmax, None, *size, stride)
+    assert torch.equal(nchw(got), expected)
+    summed = torch.ops.ssiu.max_pool2_backward(nhwc(grad), argmax, nhwc(other), *size, stride)
+    assert torch.allclose(nchw(summed), expected + other, atol=1e-6)
+    x = torch.zeros(1, 2, 2, 16)  # ties: the first of equal values, as ATen
+    x[0, 1, 1, :8] = 1
+    assert torch.ops.ssiu.max_pool2(x, 2)[1].flatten().tolist() == [3] * 8 + [0] * 8
+
+
+def test_max_pool2_refuses_bad_input():
+    with pytest.raises(RuntimeError, match='multiple of 16'):
+        torch.ops.ssiu.max_pool2(torch.randn(1, 4, 4, 8), 2)
+    with pytest.raises(RuntimeError, match='stride of 2 or more'):
+        torch.ops.ssiu.max_pool2(torch.randn(1, 4, 4, 16), 1)
+    out, argmax = torch.ops.ssiu.max_pool2(torch.randn(1, 4, 4, 16), 2)
+    with pytest.raises(RuntimeError, match='does not come from'):
+        torch.ops.ssiu.max_pool2_backward(out, argmax, None, 6, 4, 2)
+    with pytest.raises(RuntimeError, match='add must be'):
+        torch.ops.ssiu.max_pool2_backward(out, argmax, torch.randn(1, 4, 5, 16), 4, 4, 2)
+    with pytest.raises(RuntimeError, match='argmax int32'):
+        torch.ops.ssiu.max_pool2_backward(out, argmax.float(), None, 4, 4, 2)
+
+
 def test_gelu_gate_and_its_backward_match_autograd():
     h = (torch.randn(2, 7, 5, 32) * 4).requires_grad_()  # GELU's whole range, tails included
     u = torch.randn(2, 7, 5, 32).requires_grad_()

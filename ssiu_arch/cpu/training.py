@@ -21,10 +21,10 @@ PyTorch form is many small passes over the maps, computed here by kernels with t
 - MoE-FS's softmax over the experts and gated sum, with the residual sums after it (:class:`MoEMix`), and its 1x1
   convolutions as :class:`Conv1x1`;
 - the tail without full-width maps at the output's resolution (:func:`tail`, :class:`TapSum`);
-- the LayerNorm over channels (:class:`ChannelNorm`).
+- the LayerNorm over channels (:class:`ChannelNorm`) and ESAM's max-pooling (:class:`PoolKeep`).
 
-Pooling and the head are the modules' own calls, so those parameters get their gradients from the same operators as
-in the reference. ``tests/test_engine.py`` checks outputs and gradients against the reference forward.
+The head is the module's own call, so its parameters get their gradients from the same operators as in the
+reference. ``tests/test_engine.py`` checks outputs and gradients against the reference forward.
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ from ssiu_arch.archs.ssiu_arch import ESAM, MSGM, SSIU, MoEFeatureSelector, SSRM
 from ssiu_arch.cpu import kernels
 from ssiu_arch.utils.cpu_features import fastest_times
 
-__all__ = ['ChannelNorm', 'Conv1x1', 'DepthwiseReflect', 'GatedConv1x1', 'HaloAttention', 'MoEMix',
+__all__ = ['ChannelNorm', 'Conv1x1', 'DepthwiseReflect', 'GatedConv1x1', 'HaloAttention', 'MoEMix', 'PoolKeep',
            'SharedInputConv1x1', 'TapSum', 'UpsampleUpdate', 'backward_timings', 'forward', 'kernel_backward_pays',
            'supported']
 
@@ -217,6 +217,31 @@ class ChannelNorm(torch.autograd.Function):
         return dx.view(b, h, w, c).permute(0, 3, 1, 2), dweight, dbias, None
 
 
+class PoolKeep(torch.autograd.Function):
+    """ESAM's max-pooling (2x2 windows at ``stride``) of a channels-last NCHW map v, returned with v itself:
+    ``(pool(v), v)``. The step's later use of v takes the second, so both gradients of v arrive in this backward, which
+    scatters the pooling's gradient into the other (:func:`ssiu_arch.cpu.kernels` ``max_pool2_backward``), where
+    autograd would zero-fill a map for the pooling's gradient and add the two in a pass of its own."""
+
+    @staticmethod
+    def forward(ctx, v: torch.Tensor, stride: int) -> tuple[torch.Tensor, torch.Tensor]:
+        pooled, argmax = torch.ops.ssiu.max_pool2(v.permute(0, 2, 3, 1), stride)
+        ctx.save_for_backward(argmax)
+        ctx.size, ctx.stride = v.shape[-2:], stride
+        ctx.set_materialize_grads(False)
+        return pooled.permute(0, 3, 1, 2), v
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_pooled: torch.Tensor | None, grad_v: torch.Tensor | None):
+        argmax, = ctx.saved_tensors
+        if grad_pooled is None:
+            return grad_v, None
+        nhwc = None if grad_v is None else grad_v.permute(0, 2, 3, 1)
+        dv = torch.ops.ssiu.max_pool2_backward(grad_pooled.permute(0, 2, 3, 1), argmax, nhwc, *ctx.size, ctx.stride)
+        return dv.permute(0, 3, 1, 2), None
+
+
 class UpsampleUpdate(torch.autograd.Function):
     """``bilinear(low) + v - b`` in one pass: ``low`` (B, C, h, w) resized with aligned corners to the size of the
     (B, C, H, W) maps ``v`` and ``b``, all channels-last; see :func:`ssiu_arch.cpu.kernels.upsample_combine`."""
@@ -367,7 +392,11 @@ def msgm(m: MSGM, x: torch.Tensor, add: torch.Tensor | None = None,
 
 def esam_update(m: ESAM, v: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``v + ESAM(v) - b`` (:meth:`ESAM.forward`), its attention one kernel and its upsampling fused with the sums."""
-    qkv = conv1x1(m.qkv_conv, m.pool(v)).permute(0, 2, 3, 1)  # (B, h, w, 3 C): the channels-last map's memory
+    if isinstance(m.pool, nn.MaxPool2d):  # 2x2 windows at a stride of 2 or more (the engine checked)
+        pooled, v = PoolKeep.apply(v, m.pool.stride)
+    else:
+        pooled = m.pool(v)
+    qkv = conv1x1(m.qkv_conv, pooled).permute(0, 2, 3, 1)  # (B, h, w, 3 C): the channels-last map's memory
     window = m.block_size + 2 * m.halo
     embedding = m.key_embedding().view(window, window, -1)
     out = HaloAttention.apply(qkv, embedding, m.num_heads, m.block_size, m.halo).permute(0, 3, 1, 2)

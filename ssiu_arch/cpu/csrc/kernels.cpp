@@ -568,6 +568,156 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> linear_
   return {dx, dweights, dbiases};
 }
 
+// One pooled row of max_pool2 from the first of its two input rows (`width` pixels of c channels each).
+SSIU_TARGETS void max_pool2_row(const float* top, int64_t width, int64_t c, int64_t w, int64_t stride, float* out,
+                                int32_t* argmax) {
+  for (int64_t xo = 0; xo < w; ++xo) {
+    const float* window[4];
+    for (int64_t k = 0; k < 4; ++k) window[k] = top + ((k / 2) * width + xo * stride + k % 2) * c;
+    for (int64_t ch = 0; ch < c; ch += 16) {
+      Vec16 best = load16(window[0] + ch);
+      Int16 index{};
+      for (int64_t k = 1; k < 4; ++k) {  // one comparison per ?: (GCC 12 splits a combined mask into lanes)
+        const Vec16 v = load16(window[k] + ch);
+        index = v > best ? Int16{} + static_cast<int32_t>(k) : index;
+        best = v > best ? v : best;
+      }
+      store16(out + xo * c + ch, best);
+      std::memcpy(argmax + xo * c + ch, &index, sizeof index);
+    }
+  }
+}
+
+// Adds a pooled row's gradient g (w pixels of c channels) at its maxima (argmax) to the two input rows from `top`.
+SSIU_TARGETS void max_pool2_scatter_row(const float* g, const int32_t* argmax, int64_t width, int64_t c, int64_t w,
+                                        int64_t stride, float* top) {
+  for (int64_t xo = 0; xo < w; ++xo) {
+    for (int64_t ch = 0; ch < c; ch += 16) {
+      const Vec16 gv = load16(g + xo * c + ch);
+      Int16 k;
+      std::memcpy(&k, argmax + xo * c + ch, sizeof k);
+      for (int64_t pos = 0; pos < 4; ++pos) {
+        float* d = top + ((pos / 2) * width + xo * stride + pos % 2) * c + ch;
+        store16(d, load16(d) + (k == static_cast<int32_t>(pos) ? gv : Vec16{}));
+      }
+    }
+  }
+}
+
+// ESAM's max-pooling for training: 2x2 windows at stride `stride` over a (B, H, W, C) map, C a multiple of 16.
+// Returns the pooled map (B, h, w, C), h = (H - 2) / stride + 1, and for each of its values the window position of
+// the maximum (0-3, row-major; the first of equal values, as ATen's max_pool2d, which also lets a NaN win: here a NaN
+// wins only from the window's first position, and a NaN in training features propagates through the step anyway).
+std::tuple<at::Tensor, at::Tensor> max_pool2(const at::Tensor& x, int64_t stride) {
+  TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat && x.device().is_cpu() && x.size(3) % 16 == 0 &&
+                  x.size(1) >= 2 && x.size(2) >= 2,
+              "max_pool2: x must be a float32 CPU (B, H, W, C) map, H, W >= 2, C a multiple of 16, got ", x.sizes());
+  TORCH_CHECK(stride >= 2, "max_pool2: windows at a stride of 2 or more, got ", stride);
+  const at::Tensor in = x.contiguous();
+  const int64_t batch = in.size(0), height = in.size(1), width = in.size(2), c = in.size(3);
+  const int64_t h = (height - 2) / stride + 1, w = (width - 2) / stride + 1;
+  at::Tensor out = at::empty({batch, h, w, c}, in.options());
+  at::Tensor argmax = at::empty({batch, h, w, c}, in.options().dtype(at::kInt));
+  const float* xp = in.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  int32_t* ap = argmax.data_ptr<int32_t>();
+  at::parallel_for(0, batch * h, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t b = row / h, y = row % h;
+      max_pool2_row(xp + (b * height + y * stride) * width * c, width, c, w, stride, op + row * w * c,
+                    ap + row * w * c);
+    }
+  });
+  return {out, argmax};
+}
+
+// The input gradient of max_pool2: (B, H, W, C) from the pooled map's gradient `grad` (B, h, w, C) and its `argmax`,
+// plus `add` (B, H, W, C) if given (another use's gradient of the same map, summed here instead of in a pass of its
+// own, and no zero-filled map).
+at::Tensor max_pool2_backward(const at::Tensor& grad, const at::Tensor& argmax, const std::optional<at::Tensor>& add,
+                              int64_t height, int64_t width, int64_t stride) {
+  TORCH_CHECK(grad.dim() == 4 && grad.scalar_type() == at::kFloat && grad.device().is_cpu() &&
+                  argmax.sizes() == grad.sizes() && argmax.scalar_type() == at::kInt && grad.size(3) % 16 == 0,
+              "max_pool2_backward: grad (B, h, w, C) float32 and argmax int32 of its shape expected, got ",
+              grad.sizes(), " and ", argmax.sizes());
+  const int64_t batch = grad.size(0), h = grad.size(1), w = grad.size(2), c = grad.size(3);
+  TORCH_CHECK(stride >= 2 && height >= 2 && width >= 2 && (height - 2) / stride + 1 == h &&
+                  (width - 2) / stride + 1 == w,
+              "max_pool2_backward: a ", h, "x", w, " pooled map does not come from ", height, "x", width,
+              " at stride ", stride);
+  TORCH_CHECK(!add || (add->sizes() == at::IntArrayRef({batch, height, width, c}) &&
+                       add->scalar_type() == at::kFloat),
+              "max_pool2_backward: add must be float32 (B, H, W, C) = (", batch, ", ", height, ", ", width, ", ", c,
+              ")");
+  const at::Tensor g = grad.contiguous(), index = argmax.contiguous(), extra = add ? add->contiguous() : at::Tensor();
+  at::Tensor dx = at::empty({batch, height, width, c}, g.options());
+  const float* gp = g.data_ptr<float>();
+  const int32_t* ip = index.data_ptr<int32_t>();
+  const float* ep = add ? extra.data_ptr<float>() : nullptr;
+  float* dp = dx.data_ptr<float>();
+  const int64_t row_size = width * c;
+  at::parallel_for(0, batch * h, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t b = row / h, y = row % h;
+      // the input rows this pooled row owns: its window's two, the ones the stride skips, and the last rows
+      const int64_t r0 = y * stride, r1 = y == h - 1 ? height : r0 + stride;
+      float* first = dp + (b * height + r0) * row_size;
+      if (ep) {
+        std::memcpy(first, ep + (b * height + r0) * row_size, (r1 - r0) * row_size * sizeof(float));
+      } else {
+        std::memset(first, 0, (r1 - r0) * row_size * sizeof(float));
+      }
+      max_pool2_scatter_row(gp + row * w * c, ip + row * w * c, width, c, w, stride, first);
+    }
+  });
+  return dx;
+}
+
+// layer_norm_rows over `pixels` rows, keeping each row's mean and 1 / std.
+SSIU_TARGETS void layer_norm_rows_kept(const float* x, int64_t pixels, int64_t c, const float* weight,
+                                       const float* bias, float eps, float* out, float* mean, float* rstd) {
+  for (int64_t px = 0; px < pixels; ++px) {
+    const float* row = x + px * c;
+    Vec16 sum{};
+    for (int64_t ch = 0; ch < c; ch += 16) sum += load16(row + ch);
+    const float mu = lanes_sum(sum) / static_cast<float>(c);
+    Vec16 squares{};
+    for (int64_t ch = 0; ch < c; ch += 16) {
+      const Vec16 d = load16(row + ch) - mu;
+      squares += d * d;
+    }
+    const float r = 1.f / std::sqrt(lanes_sum(squares) / static_cast<float>(c) + eps);
+    for (int64_t ch = 0; ch < c; ch += 16) {
+      store16(out + px * c + ch, (load16(row + ch) - mu) * r * load16(weight + ch) + load16(bias + ch));
+    }
+    mean[px] = mu, rstd[px] = r;
+  }
+}
+
+// The input gradient of `pixels` rows of layer_norm_rows_kept (see layer_norm_rows_backward), and the rows' sums of
+// g xhat and of g added to sums (2 c values).
+SSIU_TARGETS void layer_norm_backward_rows(const float* g, const float* x, const float* mean, const float* rstd,
+                                           int64_t pixels, int64_t c, const float* weight, float* dx, float* sums) {
+  for (int64_t px = 0; px < pixels; ++px) {
+    const float* gr = g + px * c;
+    const float* xr = x + px * c;
+    const float mu = mean[px], r = rstd[px];
+    Vec16 sum_gw{}, sum_gwx{};
+    for (int64_t ch = 0; ch < c; ch += 16) {
+      const Vec16 gv = load16(gr + ch), xhat = (load16(xr + ch) - mu) * r, gw = gv * load16(weight + ch);
+      sum_gw += gw;
+      sum_gwx += gw * xhat;
+      store16(sums + ch, load16(sums + ch) + gv * xhat);
+      store16(sums + c + ch, load16(sums + c + ch) + gv);
+    }
+    const float a = lanes_sum(sum_gw) / static_cast<float>(c), b = lanes_sum(sum_gwx) / static_cast<float>(c);
+    for (int64_t ch = 0; ch < c; ch += 16) {
+      const Vec16 xhat = (load16(xr + ch) - mu) * r;
+      store16(dx + px * c + ch, (load16(gr + ch) * load16(weight + ch) - a - xhat * b) * r);
+    }
+  }
+}
+
 // LayerNorm for training over the c channels (a multiple of 16) of the rows of x (m, c): out as layer_norm_rows,
 // with each row's mean and 1 / std kept for the backward pass.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_rows_forward(const at::Tensor& x, const at::Tensor& weight,
@@ -587,22 +737,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_rows_forward(const at:
   float* mp = mean.data_ptr<float>();
   float* rp = rstd.data_ptr<float>();
   at::parallel_for(0, m, 256, [&](int64_t begin, int64_t end) {
-    for (int64_t px = begin; px < end; ++px) {
-      const float* row = xp + px * c;
-      Vec16 sum{};
-      for (int64_t ch = 0; ch < c; ch += 16) sum += load16(row + ch);
-      const float mu = lanes_sum(sum) / static_cast<float>(c);
-      Vec16 squares{};
-      for (int64_t ch = 0; ch < c; ch += 16) {
-        const Vec16 d = load16(row + ch) - mu;
-        squares += d * d;
-      }
-      const float r = 1.f / std::sqrt(lanes_sum(squares) / static_cast<float>(c) + static_cast<float>(eps));
-      for (int64_t ch = 0; ch < c; ch += 16) {
-        store16(op + px * c + ch, (load16(row + ch) - mu) * r * load16(wp + ch) + load16(bp + ch));
-      }
-      mp[px] = mu, rp[px] = r;
-    }
+    layer_norm_rows_kept(xp + begin * c, end - begin, c, wp, bp, static_cast<float>(eps), op + begin * c, mp + begin,
+                         rp + begin);
   });
   return {out, mean, rstd};
 }
@@ -641,24 +777,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_rows_backward(const at
       float* sums = pp + t * 2 * c;  // dweight, then dbias
       for (int64_t n0 = m * t / tasks, stop = m * (t + 1) / tasks; n0 < stop; n0 += kChunk) {
         std::fill(chunk.begin(), chunk.end(), 0.f);
-        for (int64_t px = n0, last = std::min(stop, n0 + kChunk); px < last; ++px) {
-          const float* gr = gp + px * c;
-          const float* xr = xp + px * c;
-          const float mu_px = mp[px], r = rp[px];
-          Vec16 sum_gw{}, sum_gwx{};
-          for (int64_t ch = 0; ch < c; ch += 16) {
-            const Vec16 gv = load16(gr + ch), xhat = (load16(xr + ch) - mu_px) * r, gw = gv * load16(wp + ch);
-            sum_gw += gw;
-            sum_gwx += gw * xhat;
-            store16(chunk.data() + ch, load16(chunk.data() + ch) + gv * xhat);
-            store16(chunk.data() + c + ch, load16(chunk.data() + c + ch) + gv);
-          }
-          const float a = lanes_sum(sum_gw) / static_cast<float>(c), b = lanes_sum(sum_gwx) / static_cast<float>(c);
-          for (int64_t ch = 0; ch < c; ch += 16) {
-            const Vec16 xhat = (load16(xr + ch) - mu_px) * r;
-            store16(dxp + px * c + ch, (load16(gr + ch) * load16(wp + ch) - a - xhat * b) * r);
-          }
-        }
+        const int64_t rows = std::min(stop, n0 + kChunk) - n0;
+        layer_norm_backward_rows(gp + n0 * c, xp + n0 * c, mp + n0, rp + n0, rows, c, wp, dxp + n0 * c, chunk.data());
         for (int64_t k = 0; k < 2 * c; k += 16) store16(sums + k, load16(sums + k) + load16(chunk.data() + k));
       }
     }
@@ -2254,6 +2374,8 @@ TORCH_LIBRARY(ssiu, m) {
         "(Tensor, Tensor, Tensor)");
   m.def("gelu_gate_backward(Tensor grad, Tensor h, Tensor u) -> (Tensor, Tensor)");
   m.def("linear_backward(Tensor grad, Tensor x, Tensor? weight, Tensor? add=None) -> (Tensor, Tensor, Tensor)");
+  m.def("max_pool2(Tensor x, int stride) -> (Tensor, Tensor)");
+  m.def("max_pool2_backward(Tensor grad, Tensor argmax, Tensor? add, int height, int width, int stride) -> Tensor");
   m.def("linear_backward_shared(Tensor[] grads, Tensor x, Tensor[] weights, Tensor? add) -> "
         "(Tensor, Tensor[], Tensor[])");
   m.def("gated_linear_backward(Tensor grad, Tensor gate, Tensor h, Tensor u, Tensor weight) -> "
@@ -2277,6 +2399,8 @@ TORCH_LIBRARY_IMPL(ssiu, CPU, m) {
   m.impl("moe_combine", moe_combine);
   m.impl("moe_combine_backward", moe_combine_backward);
   m.impl("linear_backward", linear_backward);
+  m.impl("max_pool2", max_pool2);
+  m.impl("max_pool2_backward", max_pool2_backward);
   m.impl("linear_backward_shared", linear_backward_shared);
   m.impl("gated_linear_backward", gated_linear_backward);
   m.impl("linear_bf16", linear_bf16);
