@@ -108,18 +108,21 @@ class Conv1x1(torch.autograd.Function):
 
 class SharedInputConv1x1(torch.autograd.Function):
     """``(conv_1(x), ..., conv_n(x))`` for 1x1 convolutions of one channels-last NCHW map, given as ``x, residual,
-    weight_1, bias_1, ..., weight_n, bias_n``, and ``x + residual`` after them unless ``residual`` is None: as n
-    :class:`Conv1x1` (and a sum), except that the input's gradients are summed (the sum's included) where they are
-    computed, in one kernel pass over ``x`` where the engine's backward pays (:func:`kernel_backward_pays`), else each
-    oneDNN backward adds the one before, where autograd would sum the input gradients in passes of their own."""
+    weight_1, bias_1, ..., weight_n, bias_n``, and ``x + residual`` after them if ``residual`` is a map, ``x`` itself if
+    it is True (for another use of x, whose gradient then arrives here): as n :class:`Conv1x1` (and a sum), except that
+    the input's gradients are summed (the other use's included) where they are computed, in one kernel pass over ``x``
+    where the engine's backward pays (:func:`kernel_backward_pays`), else each oneDNN backward adds the one before,
+    where autograd would sum the input gradients in passes of their own."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, residual: torch.Tensor | None,
+    def forward(ctx, x: torch.Tensor, residual: torch.Tensor | bool | None,
                 *params: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
         weights, biases = params[::2], params[1::2]
         ctx.save_for_backward(x, *weights)
         outs = tuple(F.conv2d(x, weight, bias) for weight, bias in zip(weights, biases))
-        return outs if residual is None else (*outs, x + residual)
+        if residual is None or residual is False:
+            return outs
+        return (*outs, x if residual is True else x + residual)
 
     @staticmethod
     @once_differentiable
@@ -244,20 +247,25 @@ class PoolKeep(torch.autograd.Function):
 
 class UpsampleUpdate(torch.autograd.Function):
     """``bilinear(low) + v - b`` in one pass: ``low`` (B, C, h, w) resized with aligned corners to the size of the
-    (B, C, H, W) maps ``v`` and ``b``, all channels-last; see :func:`ssiu_arch.cpu.kernels.upsample_combine`."""
+    (B, C, H, W) maps ``v`` and ``b``, all channels-last; see :func:`ssiu_arch.cpu.kernels.upsample_combine`. Returns
+    ``b`` itself too, for the step's later use of it: both of b's gradients then arrive here and become one in one
+    pass, where autograd would negate one and add them in two."""
 
     @staticmethod
-    def forward(ctx, low: torch.Tensor, v: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, low: torch.Tensor, v: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         ctx.sizes = (low.shape, v.shape[-2:])
+        ctx.set_materialize_grads(False)
         nhwc = [t.permute(0, 2, 3, 1) for t in (low, v, b)]
-        return torch.ops.ssiu.upsample_combine(*nhwc, 0, v.shape[-2]).permute(0, 3, 1, 2)
+        return torch.ops.ssiu.upsample_combine(*nhwc, 0, v.shape[-2]).permute(0, 3, 1, 2), b
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad: torch.Tensor):
+    def backward(ctx, grad: torch.Tensor | None, grad_b: torch.Tensor | None):
+        if grad is None:
+            return None, None, grad_b
         low_shape, size = ctx.sizes
         dlow = torch.ops.aten.upsample_bilinear2d_backward(grad, list(size), list(low_shape), True)
-        return dlow, grad, grad.neg()
+        return dlow, grad, grad.neg() if grad_b is None else grad_b - grad
 
 
 class MoEMix(torch.autograd.Function):
@@ -373,11 +381,13 @@ def conv1x1(conv: nn.Conv2d, x: torch.Tensor, add: torch.Tensor | None = None) -
     return Conv1x1.apply(x, conv.weight, conv.bias, add)
 
 
-def input_projections(x: torch.Tensor, *msgms: MSGM, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
-    """``W_1 x`` and ``W_2 x`` of each MSGM reading ``x``, in order, then ``x + residual`` if given
-    (:class:`SharedInputConv1x1`)."""
+def input_projections(x: torch.Tensor, *msgms: MSGM, residual: torch.Tensor | None = None,
+                      keep: bool = False) -> tuple[torch.Tensor, ...]:
+    """``W_1 x`` and ``W_2 x`` of each MSGM reading ``x``, in order, then ``x + residual`` if given, or ``x`` itself
+    with ``keep``, for another use of x (:class:`SharedInputConv1x1`)."""
     convs = [conv for m in msgms for conv in (m.project_in1, m.project_in2[0])]
-    return SharedInputConv1x1.apply(x, residual, *[p for conv in convs for p in (conv.weight, conv.bias)])
+    return SharedInputConv1x1.apply(x, residual if residual is not None else keep,
+                                    *[p for conv in convs for p in (conv.weight, conv.bias)])
 
 
 def msgm(m: MSGM, x: torch.Tensor, add: torch.Tensor | None = None,
@@ -390,8 +400,9 @@ def msgm(m: MSGM, x: torch.Tensor, add: torch.Tensor | None = None,
     return GatedConv1x1.apply(h, u, m.project_out.weight, m.project_out.bias, add)
 
 
-def esam_update(m: ESAM, v: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``v + ESAM(v) - b`` (:meth:`ESAM.forward`), its attention one kernel and its upsampling fused with the sums."""
+def esam_update(m: ESAM, v: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``v + ESAM(v) - b`` (:meth:`ESAM.forward`), its attention one kernel and its upsampling fused with the sums, and
+    ``b`` for its later uses (see :class:`UpsampleUpdate`)."""
     if isinstance(m.pool, nn.MaxPool2d):  # 2x2 windows at a stride of 2 or more (the engine checked)
         pooled, v = PoolKeep.apply(v, m.pool.stride)
     else:
@@ -401,7 +412,7 @@ def esam_update(m: ESAM, v: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     embedding = m.key_embedding().view(window, window, -1)
     out = HaloAttention.apply(qkv, embedding, m.num_heads, m.block_size, m.halo).permute(0, 3, 1, 2)
     if isinstance(m.LocalProp, nn.Identity):
-        return v + out - b
+        return v + out - b, b
     dw, _ = m.LocalProp  # then the bilinear upsampling (aligned corners) to v's size
     return UpsampleUpdate.apply(depthwise(dw, out), v, b)
 
@@ -413,8 +424,10 @@ def step(s: SSRMStep, a: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     h1, t1, h2, t2, a_y = input_projections(a, s.s1, s.s2, residual=y)
     v = msgm(s.s1, a, add=a_y, projections=(h1, t1))  # a + z + y
     b = msgm(s.s2, a, projections=(h2, t2))
-    a = msgm(s.s4, esam_update(s.s3, v, b), add=b)  # v + ESAM(v) - b, then MSGM_4 + b
-    return msgm(s.ffn, a, add=a)
+    w, b = esam_update(s.s3, v, b)  # v + ESAM(v) - b
+    a = msgm(s.s4, w, add=b)  # MSGM_4(w) + b
+    h, t, a_kept = input_projections(a, s.ffn, keep=True)
+    return msgm(s.ffn, a, add=a_kept, projections=(h, t))  # a + MSGM_ffn(a)
 
 
 def tail(t: nn.Sequential, feat: torch.Tensor) -> torch.Tensor:
