@@ -111,8 +111,8 @@ class SharedInputConv1x1(torch.autograd.Function):
     weight_1, bias_1, ..., weight_n, bias_n``, and ``x + residual`` after them if ``residual`` is a map, ``x`` itself if
     it is True (for another use of x, whose gradient then arrives here): as n :class:`Conv1x1` (and a sum), except that
     the input's gradients are summed (the other use's included) where they are computed, in one kernel pass over ``x``
-    where the engine's backward pays (:func:`kernel_backward_pays`), else each oneDNN backward adds the one before,
-    where autograd would sum the input gradients in passes of their own."""
+    where the engine's backward pays (:func:`kernel_backward_pays`), else in one oneDNN backward of the convolutions
+    as one (their gradients concatenated), where autograd would sum the input gradients in passes of their own."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, residual: torch.Tensor | bool | None,
@@ -133,11 +133,11 @@ class SharedInputConv1x1(torch.autograd.Function):
         if needs[0] and kernel_backward_pays():  # one pass for all of them
             dx, dweights, dbiases = kernels.shared_conv1x1_backward(list(grads[:len(weights)]), x, weights, summed)
             gradients = zip((d.view_as(w) for d, w in zip(dweights, weights)), dbiases)
-        else:
-            dx, gradients = summed if needs[0] else None, []
-            for grad, weight in zip(grads, weights):
-                dx, dweight, dbias = _conv1x1_gradients(grad, x, weight, needs[0], dx)
-                gradients.append((dweight, dbias))
+        else:  # oneDNN's backward of the convolutions as one, their outputs' gradients concatenated: x read once
+            sizes = [w.shape[0] for w in weights]
+            dx, dweight, dbias = _onednn_backward(torch.cat(grads[:len(weights)], 1), x, torch.cat(weights), needs[0])
+            dx = dx + summed if dx is not None and summed is not None else dx
+            gradients = zip(dweight.split(sizes), dbias.split(sizes))
         params = [g if needs[2 + index] else None for index, g in enumerate(t for pair in gradients for t in pair)]
         return dx, summed if needs[1] else None, *params
 
