@@ -460,23 +460,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_linear_backward
 }
 
 // LayerNorm over the c channels of each of `pixels` pixels: (x - mean) / sqrt(var + eps) * weight + bias, with
-// the two-pass variance (c a multiple of 16).
+// the two-pass variance (c a multiple of 16); each pixel's mean and 1 / std go to `mean` and `rstd` if given (for
+// a backward pass).
 SSIU_TARGETS void layer_norm_rows(const float* x, int64_t pixels, int64_t c, const float* weight, const float* bias,
-                                  float eps, float* out) {
+                                  float eps, float* out, float* mean = nullptr, float* rstd = nullptr) {
   for (int64_t px = 0; px < pixels; ++px) {
     const float* row = x + px * c;
     Vec16 sum{};
     for (int64_t ch = 0; ch < c; ch += 16) sum += load16(row + ch);
-    const float mean = lanes_sum(sum) / static_cast<float>(c);
+    const float mu = lanes_sum(sum) / static_cast<float>(c);
     Vec16 squares{};
     for (int64_t ch = 0; ch < c; ch += 16) {
-      const Vec16 d = load16(row + ch) - mean;
+      const Vec16 d = load16(row + ch) - mu;
       squares += d * d;
     }
-    const float rstd = 1.f / std::sqrt(lanes_sum(squares) / static_cast<float>(c) + eps);
+    const float r = 1.f / std::sqrt(lanes_sum(squares) / static_cast<float>(c) + eps);
     for (int64_t ch = 0; ch < c; ch += 16) {
-      store16(out + px * c + ch, (load16(row + ch) - mean) * rstd * load16(weight + ch) + load16(bias + ch));
+      store16(out + px * c + ch, (load16(row + ch) - mu) * r * load16(weight + ch) + load16(bias + ch));
     }
+    if (mean) mean[px] = mu, rstd[px] = r;
   }
 }
 
@@ -673,28 +675,7 @@ at::Tensor max_pool2_backward(const at::Tensor& grad, const at::Tensor& argmax, 
   return dx;
 }
 
-// layer_norm_rows over `pixels` rows, keeping each row's mean and 1 / std.
-SSIU_TARGETS void layer_norm_rows_kept(const float* x, int64_t pixels, int64_t c, const float* weight,
-                                       const float* bias, float eps, float* out, float* mean, float* rstd) {
-  for (int64_t px = 0; px < pixels; ++px) {
-    const float* row = x + px * c;
-    Vec16 sum{};
-    for (int64_t ch = 0; ch < c; ch += 16) sum += load16(row + ch);
-    const float mu = lanes_sum(sum) / static_cast<float>(c);
-    Vec16 squares{};
-    for (int64_t ch = 0; ch < c; ch += 16) {
-      const Vec16 d = load16(row + ch) - mu;
-      squares += d * d;
-    }
-    const float r = 1.f / std::sqrt(lanes_sum(squares) / static_cast<float>(c) + eps);
-    for (int64_t ch = 0; ch < c; ch += 16) {
-      store16(out + px * c + ch, (load16(row + ch) - mu) * r * load16(weight + ch) + load16(bias + ch));
-    }
-    mean[px] = mu, rstd[px] = r;
-  }
-}
-
-// The input gradient of `pixels` rows of layer_norm_rows_kept (see layer_norm_rows_backward), and the rows' sums of
+// The input gradient of `pixels` rows of layer_norm_rows (see layer_norm_rows_backward), and the rows' sums of
 // g xhat and of g added to sums (2 c values).
 SSIU_TARGETS void layer_norm_backward_rows(const float* g, const float* x, const float* mean, const float* rstd,
                                            int64_t pixels, int64_t c, const float* weight, float* dx, float* sums) {
@@ -737,8 +718,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_rows_forward(const at:
   float* mp = mean.data_ptr<float>();
   float* rp = rstd.data_ptr<float>();
   at::parallel_for(0, m, 256, [&](int64_t begin, int64_t end) {
-    layer_norm_rows_kept(xp + begin * c, end - begin, c, wp, bp, static_cast<float>(eps), op + begin * c, mp + begin,
-                         rp + begin);
+    layer_norm_rows(xp + begin * c, end - begin, c, wp, bp, static_cast<float>(eps), op + begin * c, mp + begin,
+                    rp + begin);
   });
   return {out, mean, rstd};
 }
