@@ -1766,7 +1766,8 @@ inline __attribute__((always_inline)) void transpose16(Vec16* rows) {
 
 // One head's keys (plus the embedding) or values of the window around block (by, bx), transposed: out (dim, padded)
 // with out[d][j] for window pixel j, zero outside the map and for j >= window^2; `rows` (window^2, dim) gets them
-// untransposed if given. `offset` selects keys (C) or values (2 C) within a qkv pixel; `embedding` may be null.
+// untransposed if given. `channel` is the head's first channel within a qkv pixel: C + head dim for keys, 2 C + head
+// dim for values; `embedding` may be null.
 SSIU_TARGETS void window_transposed(const float* qkv, const float* embedding, int64_t h, int64_t w, int64_t c,
                                     int64_t dim, int64_t channel, int64_t block, int64_t halo, int64_t by,
                                     int64_t bx, float* out, float* rows) {
