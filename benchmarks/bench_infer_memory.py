@@ -27,7 +27,7 @@ import torch
 
 from ssiu_arch.archs.ssiu_arch import SSIU
 from ssiu_arch.tools.infer import DEFAULT_TILE, DEFAULT_TILE_OVERLAP, tile_spans, upscale_image
-from ssiu_arch.utils.precision import resolve_precision
+from ssiu_arch.tools.precision import resolve_precision
 
 SET14 = Path(__file__).resolve().parents[1] / 'tests' / 'data' / 'benchmark' / 'Set14' / 'HR'
 

@@ -28,7 +28,7 @@ from torch import nn
 
 from ssiu_arch.archs.ssiu_arch import SSIU
 from ssiu_arch.tools.common import load_weights_or_exit
-from ssiu_arch.utils.precision import autocast
+from ssiu_arch.tools.precision import autocast
 from ssiu_arch.utils.weights import infer_config
 
 ROOT = Path(__file__).resolve().parents[1]

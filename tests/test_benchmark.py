@@ -45,7 +45,7 @@ def test_inference_row_in_process():
 
 def test_inference_row_times_bf16_side_by_side():
     from ssiu_arch.tools.bench import format_rows
-    from ssiu_arch.utils.precision import resolve_precision
+    from ssiu_arch.tools.precision import resolve_precision
 
     threads = torch.get_num_threads()
     try:

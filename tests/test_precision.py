@@ -12,11 +12,12 @@ import pytest
 import torch
 
 from ssiu_arch.archs.ssiu_arch import SSIU
+from ssiu_arch.tools import precision
 from ssiu_arch.tools.cli import ssiu_main
 from ssiu_arch.tools.export import FP16_ATOL, ExportError, export_onnx
 from ssiu_arch.tools.infer import upscale_image
-from ssiu_arch.utils import cpu_features, precision
-from ssiu_arch.utils.precision import PrecisionError, resolve_precision
+from ssiu_arch.tools.precision import PrecisionError, resolve_precision
+from ssiu_arch.utils import cpu_features
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / 'benchmarks'
 

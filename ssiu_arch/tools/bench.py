@@ -40,9 +40,9 @@ from ssiu_arch.cpu import kernels
 from ssiu_arch.cpu.engine import ENGINE
 from ssiu_arch.cpu.memory import retain_freed_memory
 from ssiu_arch.tools.common import positive_int
+from ssiu_arch.tools.precision import autocast, resolve_precision
 from ssiu_arch.utils.cpu_features import describe_cpu
 from ssiu_arch.utils.fileio import write_text_atomic
-from ssiu_arch.utils.precision import autocast, resolve_precision
 from ssiu_arch.utils.profiling import count_macs, count_params, lr_size_for
 
 # LR input (height, width) per scale: ~1280x720 outputs, the sizes lightweight-SR papers time.

@@ -19,9 +19,9 @@ from torch import nn
 from tqdm import tqdm
 
 from ssiu_arch.tools.common import load_weights_or_exit, positive_int
+from ssiu_arch.tools.precision import PRECISIONS, PrecisionError, autocast, check_precision, resolve_precision
 from ssiu_arch.utils.fileio import remove_stale_temporaries, write_bytes_atomic
 from ssiu_arch.utils.images import ImageError, read_image
-from ssiu_arch.utils.precision import PRECISIONS, PrecisionError, autocast, check_precision, resolve_precision
 
 __all__ = ['ImageError', 'NonFiniteOutputError', 'check_suffix', 'check_tiling', 'collect_inputs', 'infer_paths',
            'read_image', 'tile_spans', 'upscale_image', 'write_png']
@@ -133,7 +133,7 @@ def upscale_image(
         progress: show a tqdm bar over tiles.
         precision: ``fp32``, or ``bf16``/``fp16`` to run the network under :func:`torch.autocast` (LayerNorm,
             softmax and reductions stay float32, tiles are blended in float32). Run as asked: see
-            :func:`~ssiu_arch.utils.precision.resolve_precision` for what pays on a device.
+            :func:`~ssiu_arch.tools.precision.resolve_precision` for what pays on a device.
 
     Returns:
         (sH, sW[, C]) array of ``img``'s dtype and channel layout.
