@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import random
 
 import pytest
 import torch
@@ -537,6 +538,60 @@ def test_engine_stands_aside_inside_torch_compile(monkeypatch):
     finally:
         torch._dynamo.reset()  # later compiles of SSIU.forward start from static shapes again
     assert (out - reference(net, x)).abs().max() <= 1e-5
+
+
+def _random_configurations(count: int, seed: int) -> list[tuple[dict, tuple[int, ...]]]:
+    """``count`` (hyper-parameters, input shape) pairs drawn over what SSIU accepts: the engine runs some and stands
+    aside for the others (heads narrower than its kernels, unsupported kernel sizes, ...)."""
+    rng = random.Random(seed)
+    drawn = []
+    while len(drawn) < count:
+        heads, feat, block, downsample = rng.choice([1, 2, 4]), rng.choice([16, 32, 48, 64]), rng.choice([4, 8]), \
+            rng.choice([1, 2])
+        if (feat // heads) % 2:
+            continue
+        channels = rng.choice([1, 3])
+        kw = dict(upscale=rng.choice([1, 2, 3, 4]), num_feat=feat, num_block=rng.choice([1, 2, 3]), num_heads=heads,
+                  block_size=block, halo=rng.choice([0, 1, 2]), attn_downsample=downsample,
+                  expansion=rng.choice([1.0, 1.5, 2.0]), kernel_size=rng.choice([3, 5, 7]), num_in_ch=channels,
+                  num_out_ch=channels, pad_multiple=block * downsample * rng.choice([1, 2]))
+        drawn.append((kw, (rng.choice([1, 2]), channels, rng.randint(5, 40), rng.randint(5, 40))))
+    return drawn
+
+
+RANDOM_CONFIGURATIONS = _random_configurations(8, seed=2)
+
+
+def test_random_configurations_reach_the_engine():
+    """The draw below is not all refusals: the engine runs the float32 inference of most and trains some."""
+    inference = training_path = 0
+    for kw, shape in RANDOM_CONFIGURATIONS:
+        net, x = tiny(**kw), torch.rand(shape)
+        with torch.no_grad():
+            inference += ENGINE.accepts(net, x)
+        training_path += ENGINE.accepts(net.train(), x)
+    assert inference >= 4 and training_path >= 2
+
+
+@pytest.mark.parametrize('kw, shape', RANDOM_CONFIGURATIONS, ids=[
+    f"x{kw['upscale']}-feat{kw['num_feat']}-heads{kw['num_heads']}-block{kw['block_size']}-halo{kw['halo']}-"
+    f"k{kw['kernel_size']}-{'x'.join(map(str, shape))}" for kw, shape in RANDOM_CONFIGURATIONS])
+def test_engine_matches_the_reference_on_random_configurations(kw, shape):
+    """Whatever the engine does with a network, running it or standing aside, the result is the modules': float32
+    outputs in inference, outputs and all gradients in training."""
+    torch.manual_seed(0)
+    net, x = tiny(**kw), torch.rand(shape)
+    with torch.no_grad():
+        out, ref = net(x), reference(net, x)
+    assert (out - ref).abs().max() <= 1e-5 * max(1.0, ref.abs().max().item())
+    net.train()
+    x.requires_grad_()
+    leaves = [x, *net.parameters()]
+    got = torch.autograd.grad(net(x).square().mean(), leaves)
+    net.use_engine = False
+    expected = torch.autograd.grad(net(x).square().mean(), leaves)
+    got, expected = (torch.cat([g.flatten() for g in grads]) for grads in (got, expected))
+    assert (got - expected).norm() <= 1e-5 * expected.norm()
 
 
 @pytest.mark.parametrize('kw', [dict(num_feat=24, num_heads=4), dict(kernel_size=9, num_feat=16),
