@@ -1,6 +1,8 @@
 """SSIU losses: registration, published FFT loss, SSIM against BasicSR's metric, MoE load balancing."""
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import cv2
@@ -15,6 +17,16 @@ from basicsr.utils.registry import LOSS_REGISTRY
 from ssiu_arch.losses import FFTLoss, MoELoadBalancingLoss, SSIMUnfoldingLoss, gaussian_kernel1d, ssim
 
 BENCHMARK = Path(__file__).parent / 'data' / 'benchmark'
+
+
+def test_the_losses_import_on_their_own():
+    """``from ssiu_arch.losses import ...`` in a fresh process, before ``ssiu_arch.models``: basicsr 1.4.2 does not
+    import beside current torchvision without the compatibility fixes, which the package applies first."""
+    code = ('from ssiu_arch.losses import FFTLoss\n'
+            'from basicsr.utils.registry import LOSS_REGISTRY\n'
+            'assert LOSS_REGISTRY.get("FFTLoss") is FFTLoss and "SSIMUnfoldingLoss" in LOSS_REGISTRY\n')
+    run = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
 
 
 def to_tensor(img_bgr: np.ndarray) -> torch.Tensor:
