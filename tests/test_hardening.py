@@ -209,6 +209,27 @@ def test_bad_option_files_refused_before_any_work(change, message, tmp_path, mon
     assert not (tmp_path / 'experiments').exists()
 
 
+def test_force_yml_overrides_are_checked_as_basicsr_applies_them(tmp_path, monkeypatch):
+    from ssiu_arch.models.options_check import check_options_file
+
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 0)
+    yml = str(write_yaml(tmp_path, options(tmp_path, num_gpu=1)))  # a GPU file, run on the CPU by an override
+    with pytest.raises(SystemExit, match='num_gpu: 1 but no CUDA device is available'):
+        check_options_file(['-opt', yml])
+    check_options_file(['-opt', yml, '--force_yml', 'num_gpu=0', 'train:total_iter=8', 'train:scheduler:milestones=[4]',
+                        'logger:use_tb_logger=false', 'name=forced'])
+    for forced, message in [('train:total_iter=0', r'train\.total_iter: 0; must be a whole number >= 1'),
+                            ('name=../up', r"name: '\.\./up'; must be a plain folder name"),
+                            ('nosuch:key=1', r"--force_yml 'nosuch:key=1': nosuch is not a section"),
+                            ('train:optim_g:lr:x=1', r"train\.optim_g\.lr is not a section"),
+                            ('num_gpu', 'expected KEY'), ('a=b=c', 'expected KEY'),
+                            ('val:val_freq=[1, oops]', 'not a list of plain values')]:
+        with pytest.raises(SystemExit, match=message) as exc:
+            check_options_file(['-opt', yml, '--force_yml', 'num_gpu=0', forced])
+        assert str(exc.value.code).startswith(f'{yml}: ') and '\n' not in str(exc.value.code)
+
+
 def test_empty_option_file(tmp_path, monkeypatch):
     yml = write_yaml(tmp_path, None)
     with pytest.raises(SystemExit, match=r'opt\.yml: empty option file'):

@@ -227,15 +227,57 @@ def load_options_file(path: str) -> object:
         raise SystemExit(f'{path}: {_yaml_problem(err)}') from None
 
 
+def _forced_value(text: str) -> object:
+    """A ``--force_yml`` value as BasicSR 1.4.2's option parser reads it (``_postprocess_yml_value``): None, bools,
+    ``!!float``, numbers, lists, else the string. Lists by ``ast.literal_eval``, where BasicSR calls ``eval``."""
+    if text == '~' or text.lower() == 'none':
+        return None
+    if text.lower() in ('true', 'false'):
+        return text.lower() == 'true'
+    if text.startswith('!!float'):
+        return float(text.removeprefix('!!float'))
+    if text.isdigit():
+        return int(text)
+    if text.replace('.', '', 1).isdigit():
+        return float(text)
+    if text.startswith('['):
+        try:
+            return ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            raise OptionsError(f'--force_yml value {text!r}: not a list of plain values') from None
+    return text
+
+
+def apply_forced_options(opt: dict, entries: list[str]) -> None:
+    """Apply BasicSR's ``--force_yml KEY[:SUBKEY...]=VALUE`` overrides to ``opt`` as its option parser will, so that
+    the check sees the options that will run; :class:`OptionsError` for an entry BasicSR would fail on."""
+    for entry in entries:
+        if entry.count('=') != 1:
+            raise OptionsError(f'--force_yml {entry!r}: expected KEY[:SUBKEY...]=VALUE with one "="')
+        keys, value = (part.strip() for part in entry.split('='))
+        *sections, last = keys.split(':')
+        node = opt
+        for depth, key in enumerate(sections, start=1):
+            node = node.get(key) if isinstance(node, dict) else None
+            if not isinstance(node, dict):
+                where = '.'.join(sections[:depth])
+                raise OptionsError(f'--force_yml {entry!r}: {where} is not a section of the option file')
+        node[last] = _forced_value(value)
+
+
 def check_options_file(argv: list[str], is_train: bool = True) -> None:
-    """Check the ``-opt`` file named in BasicSR-style ``argv``; exit with the message on a problem."""
+    """Check the ``-opt`` file named in BasicSR-style ``argv``, with its ``--force_yml`` overrides applied; exit with
+    the message on a problem."""
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument('-opt')
-    path = parser.parse_known_args(argv)[0].opt
-    if path is None:
+    parser.add_argument('--force_yml', nargs='+', default=[])
+    args = parser.parse_known_args(argv)[0]
+    if args.opt is None:
         return  # BasicSR's own parser reports the missing -opt
-    opt = load_options_file(path)
+    opt = load_options_file(args.opt)
     try:
+        if isinstance(opt, dict):
+            apply_forced_options(opt, args.force_yml)
         check_options(opt, is_train=is_train)
     except OptionsError as err:
-        raise SystemExit(f'{path}: {err}') from None
+        raise SystemExit(f'{args.opt}: {err}') from None
