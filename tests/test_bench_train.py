@@ -81,3 +81,17 @@ def test_cuda_check_reads_basicsr_training_logs():
     assert first == {'l_pix': 0.02, 'l_fft': 0.1, 'l_total': 0.03} and last['l_fft'] != last['l_fft']
     assert info['psnr'] == 35.1234 and info['bicubic'] == 33.67
     assert cuda_check.RESUMED.findall(log) == ['50']
+
+
+@pytest.mark.parametrize('device', ['cpu', 'cuda'])
+def test_cuda_check_runs_pass_the_option_check(device, monkeypatch):
+    """The check's ``basicsr train`` command lines, overrides included, pass the option check on the device they
+    are for (the CPU dry run forces ``num_gpu=0`` on the GPU option file)."""
+    from ssiu_arch.models.options_check import check_options_file
+
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: device == 'cuda')
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: int(device == 'cuda'))
+    runs = cuda_check.Runs(device, iters=8)
+    for cmd in (runs.command('cuda_check_fp32', 8, 4),
+                runs.command('cuda_check_bf16', 8, 4, 'train:mixed_precision=bf16')):
+        check_options_file(cmd[2:])  # after 'basicsr train'
