@@ -21,9 +21,10 @@ Variants (``--variants``):
   on a GPU, without the engine's training kernels (:mod:`ssiu_arch.cpu.training`).
 
 In every other variant SSIU's forward runs through the CPU engine's training path where it applies (float32
-eager steps on the CPU). On the CPU the script first prints the two timings that choose that path's 1x1
-convolution backward: the engine's kernel or oneDNN's, whichever is faster here
-(:func:`ssiu_arch.cpu.training.backward_timings`).
+eager steps on the CPU). That path runs each pattern of 1x1 convolution backward (one convolution, the convolutions
+of one map together, MSGM's gated output projection) with the engine's kernel or with oneDNN, whichever was faster
+at its shapes on the first step; the script prints those timings and choices at the end
+(:func:`ssiu_arch.cpu.training.backward_choices`).
 
 Per variant both networks start from the checkpoint; their first steps give the relative difference of the loss
 and of the gradients (norm of the difference over norm, of all parameters' gradients together; target <= 1e-5;
@@ -56,7 +57,7 @@ from torch import nn
 
 import ssiu_arch.models  # noqa: F401  (BasicSR compatibility fixes before the losses import basicsr)
 from ssiu_arch.cpu.memory import retain_freed_memory
-from ssiu_arch.cpu.training import backward_timings
+from ssiu_arch.cpu.training import backward_choices
 from ssiu_arch.tools.bench import load_average, machine_description
 from ssiu_arch.utils.weights import load_ssiu
 
@@ -238,6 +239,16 @@ def format_table(rows: list[dict]) -> str:
     return '\n'.join(lines)
 
 
+def choice_lines(choices: dict[tuple, tuple[str, dict[str, float]]]) -> list[str]:
+    """One line per 1x1 convolution backward pattern and shape that the engine's training path timed."""
+    lines = []
+    for (pattern, shape, detail, threads), (chosen, times) in choices.items():
+        timed = ', '.join(f'{name} {seconds * 1e3:.2f} ms' for name, seconds in times.items())
+        lines.append(f'1x1 backward {pattern} {"x".join(map(str, shape))} {detail} ({threads} threads): {timed}; '
+                     f'runs {chosen}')
+    return lines
+
+
 def compile_summary(rows: list[dict]) -> list[str]:
     """Compile time of each network and after how many steps compiling pays off against eager."""
     by_variant = {row['variant']: row for row in rows}
@@ -294,11 +305,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f'machine: {machine_description()}; torch {torch.__version__}; {device.type}: {where}')
     print(f'step: x2, batch {args.batch} of {args.size}x{args.size} LR, AdamW, L1 + 0.01 FFT; SSIU num_feat '
           f'{args.num_feat}, num_block {args.num_block}; {args.runs} timed steps per network and variant')
-    if device.type == 'cpu':
-        kernel, onednn = backward_timings()
-        chosen = 'the kernel' if kernel <= onednn else 'oneDNN'
-        print(f'1x1 convolution backward on this CPU (8x64x32x32): engine kernel {kernel * 1e3:.2f} ms, oneDNN '
-              f'{onednn * 1e3:.2f} ms; the engine\'s training path uses {chosen}')
     print(f'load average at start: {load_average()}', flush=True)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -323,6 +329,8 @@ def main(argv: list[str] | None = None) -> int:
             ratio = row['published']['median_s'] / row['SSIU']['median_s']
             print(f'recommended: SSIU as trained here {ratio:.2f}x faster a step than the published network as '
                   f'published ({"meets" if ratio >= 2.5 else "BELOW"} the 2.5x target)')
+    for line in choice_lines(backward_choices()):
+        print(line)
     worst = max(max(row['loss_diff'], row['grad_diff']) for row in rows)
     print(f'loss and gradients vs the published formulation: worst relative difference {worst:.2e} '
           f'({"within" if worst <= 1e-5 else "ABOVE"} the 1e-5 target)')

@@ -327,7 +327,7 @@ KERNEL_NODES = {'HaloAttentionBackward', 'GatedConv1x1Backward', 'DepthwiseRefle
                                 dict(num_feat=32, num_heads=2, num_block=1)])  # experts: the head's map twice
 @pytest.mark.parametrize('trainable', TRAINABLE)
 def test_training_path_gives_the_reference_outputs_and_gradients(kw, trainable, monkeypatch):
-    monkeypatch.setattr(training, 'kernel_backward_pays', lambda: True)  # whichever this CPU would choose
+    monkeypatch.setattr(training, 'FORCED_BACKWARD', 'kernel')  # whichever this CPU would choose
     _check_training_path(kw, trainable)
 
 
@@ -335,18 +335,28 @@ def test_training_path_gives_the_reference_outputs_and_gradients(kw, trainable, 
 def test_training_path_with_onednn_1x1_backward(trainable, monkeypatch):
     """Where oneDNN's 1x1 backward is the faster one on the CPU, the training path uses it, input gradients of
     convolutions that read one map summed by the shared function."""
-    monkeypatch.setattr(training, 'kernel_backward_pays', lambda: False)
+    monkeypatch.setattr(training, 'FORCED_BACKWARD', 'onednn')
     _check_training_path(dict(num_feat=32, num_heads=2), trainable)
 
 
-def test_1x1_backward_choice_is_timed_once_on_this_cpu():
-    training._backward_timings.cache_clear()
+def test_1x1_backward_is_timed_per_pattern_and_shape_on_the_first_pass(monkeypatch):
+    """Each pattern of 1x1 convolution backward is timed both ways on its first call at a shape, on the call's own
+    tensors, and the faster runs from then on; the caller's random stream stays untouched."""
+    monkeypatch.setattr(training, '_CHOICES', {})
+    torch.manual_seed(0)
+    net, x = tiny(num_feat=32, num_heads=2).train(), torch.rand(2, 3, 16, 16)
     state = torch.get_rng_state()
-    kernel, onednn = training.backward_timings()
-    assert torch.equal(torch.get_rng_state(), state)  # the measurement leaves the caller's random stream alone
-    assert 0 < kernel < 1 and 0 < onednn < 1
-    assert training.backward_timings() == (kernel, onednn)  # once per process and thread count
-    assert training.kernel_backward_pays() == (kernel <= onednn)
+    net(x).square().mean().backward()
+    assert torch.equal(torch.get_rng_state(), state)
+    choices = training.backward_choices()
+    assert {key[0] for key in choices} == {'conv1x1', 'shared', 'gated'}
+    for key, (chosen, times) in choices.items():
+        assert key[-1] == torch.get_num_threads()
+        assert set(times) == {'kernel', 'onednn'} and all(0 < t < 1 for t in times.values())
+        assert chosen == min(times, key=times.get)
+    assert ('shared', (2, 32, 16, 16), '-> 32+32+32+32, + dx', torch.get_num_threads()) in choices  # LN(a)'s four
+    net(x).square().mean().backward()
+    assert training.backward_choices() == choices  # nothing timed again
 
 
 def _check_training_path(kw: dict, trainable: str) -> None:

@@ -14,9 +14,9 @@ PyTorch form is many small passes over the maps, computed here by kernels with t
   map forward, and one pass backward for the input, weight and bias gradients;
 - the 1x1 convolutions of MSGM and ESAM's qkv projection (:class:`Conv1x1`, :class:`SharedInputConv1x1`):
   oneDNN's convolution forward, with the residual sums after MSGM_1, MSGM_4 and MSGM_ffn in its epilogue, and the
-  input, weight and bias gradients in one kernel pass where that beats oneDNN's backward on the CPU
-  (:func:`kernel_backward_pays`, timed once per process); convolutions that read one map add their input gradients
-  in that pass;
+  input, weight and bias gradients in one kernel pass where that beats oneDNN's backward on the CPU (timed on the
+  first backward pass of each shape, :func:`backward_choices`); convolutions that read one map add their input
+  gradients in that pass;
 - ``v + ESAM(v) - b`` with ESAM's upsampling in one pass (:class:`UpsampleUpdate`);
 - MoE-FS's softmax over the experts and gated sum, with the residual sums after it (:class:`MoEMix`), and its 1x1
   convolutions as :class:`Conv1x1`;
@@ -28,8 +28,9 @@ reference. ``tests/test_engine.py`` checks outputs and gradients against the ref
 """
 from __future__ import annotations
 
-import functools
 import math
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -41,12 +42,12 @@ from ssiu_arch.cpu import kernels
 from ssiu_arch.utils.cpu_features import fastest_times
 
 __all__ = ['ChannelNorm', 'Conv1x1', 'DepthwiseReflect', 'GatedConv1x1', 'HaloAttention', 'MoEMix', 'PoolKeep',
-           'SharedInputConv1x1', 'TapSum', 'UpsampleUpdate', 'backward_timings', 'forward', 'kernel_backward_pays',
-           'supported']
+           'SharedInputConv1x1', 'TapSum', 'UpsampleUpdate', 'backward_choices', 'forward', 'supported']
 
 # Kernel limits of the attention's backward pass: heads of 16, 32, ... 128 channels, windows of at most 128 keys.
 MAX_HEAD_DIM = 128
 MAX_KEYS = 128
+T = TypeVar('T')
 
 
 class HaloAttention(torch.autograd.Function):
@@ -89,7 +90,8 @@ class DepthwiseReflect(torch.autograd.Function):
 class Conv1x1(torch.autograd.Function):
     """``conv(x)``, or ``conv(x) + other`` with the sum in oneDNN's epilogue, for a 1x1 convolution of channels-last
     NCHW maps. Forward is oneDNN's; the backward is one pass of :func:`ssiu_arch.cpu.kernels.conv1x1_backward`
-    over the output's gradient and the input where that beats oneDNN's backward on the CPU, else oneDNN's."""
+    over the output's gradient and the input where that beats oneDNN's backward on the CPU at these shapes
+    (:func:`fastest`), else oneDNN's."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -102,7 +104,16 @@ class Conv1x1(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         x, weight = ctx.saved_tensors
         needs_x, needs_weight, needs_bias, needs_other = ctx.needs_input_grad
-        dx, dweight, dbias = _conv1x1_gradients(grad, x, weight, needs_x, None)
+
+        def kernel() -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+            dx, dweight, dbias = kernels.conv1x1_backward(grad, x, weight if needs_x else None)
+            return dx, dweight.view_as(weight), dbias
+
+        def onednn() -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+            return _onednn_backward(grad, x, weight, needs_x)
+
+        key = ('conv1x1', tuple(x.shape), f'-> {weight.shape[0]}' + ('' if needs_x else ', no dx'))
+        dx, dweight, dbias = fastest(key, {'kernel': kernel, 'onednn': onednn})
         return dx, dweight if needs_weight else None, dbias if needs_bias else None, grad if needs_other else None
 
 
@@ -111,8 +122,8 @@ class SharedInputConv1x1(torch.autograd.Function):
     weight_1, bias_1, ..., weight_n, bias_n``, and ``x + residual`` after them if ``residual`` is a map, ``x`` itself if
     it is True (for another use of x, whose gradient then arrives here): as n :class:`Conv1x1` (and a sum), except that
     the input's gradients are summed (the other use's included) where they are computed, in one kernel pass over ``x``
-    where the engine's backward pays (:func:`kernel_backward_pays`), else in one oneDNN backward of the convolutions
-    as one (their gradients concatenated), where autograd would sum the input gradients in passes of their own."""
+    where that is the faster at these shapes (:func:`fastest`), else in one oneDNN backward of the convolutions as one
+    (their gradients concatenated), where autograd would sum the input gradients in passes of their own."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, residual: torch.Tensor | bool | None,
@@ -129,16 +140,24 @@ class SharedInputConv1x1(torch.autograd.Function):
     def backward(ctx, *grads: torch.Tensor):
         x, *weights = ctx.saved_tensors
         needs = ctx.needs_input_grad
+        outputs = list(grads[:len(weights)])
         summed = grads[len(weights)] if len(grads) > len(weights) else None
-        if needs[0] and kernel_backward_pays():  # one pass for all of them
-            dx, dweights, dbiases = kernels.shared_conv1x1_backward(list(grads[:len(weights)]), x, weights, summed)
-            gradients = zip((d.view_as(w) for d, w in zip(dweights, weights)), dbiases)
-        else:  # oneDNN's backward of the convolutions as one, their outputs' gradients concatenated: x read once
-            sizes = [w.shape[0] for w in weights]
-            dx, dweight, dbias = _onednn_backward(torch.cat(grads[:len(weights)], 1), x, torch.cat(weights), needs[0])
+        sizes = [w.shape[0] for w in weights]
+
+        def kernel() -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:  # one pass for all of them
+            dx, dweights, dbiases = kernels.shared_conv1x1_backward(outputs, x, weights, summed)
+            return dx, [d.view_as(w) for d, w in zip(dweights, weights)], dbiases
+
+        def onednn() -> tuple[torch.Tensor | None, list[torch.Tensor], list[torch.Tensor]]:
+            # oneDNN's backward of the convolutions as one, their outputs' gradients concatenated: x read once
+            dx, dweight, dbias = _onednn_backward(torch.cat(outputs, 1), x, torch.cat(weights), needs[0])
             dx = dx + summed if dx is not None and summed is not None else dx
-            gradients = zip(dweight.split(sizes), dbias.split(sizes))
-        params = [g if needs[2 + index] else None for index, g in enumerate(t for pair in gradients for t in pair)]
+            return dx, dweight.split(sizes), dbias.split(sizes)
+
+        key = ('shared', tuple(x.shape), f'-> {"+".join(map(str, sizes))}' + ('' if summed is None else ', + dx'))
+        dx, dweights, dbiases = fastest(key, {'kernel': kernel, 'onednn': onednn}) if needs[0] else onednn()
+        params = [g if needs[2 + index] else None for index, g in
+                  enumerate(t for pair in zip(dweights, dbiases) for t in pair)]
         return dx, summed if needs[1] else None, *params
 
 
@@ -151,51 +170,40 @@ def _conv1x1_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
                                                           None, None, [], None)
 
 
-def _conv1x1_gradients(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, needs_x: bool,
-                       add: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
-    """The input's (plus ``add``; None unless ``needs_x``), weight's and bias's gradients of ``conv(x)``, a 1x1
-    convolution (of a multiple of 16 input channels, as every width the engine accepts), from the output's gradient:
-    the engine's kernel where it beats oneDNN's backward on this CPU (:func:`kernel_backward_pays`), else oneDNN's."""
-    if kernel_backward_pays():
-        dx, dweight, dbias = kernels.conv1x1_backward(grad, x, weight if needs_x else None, add if needs_x else None)
-        return dx, dweight.view_as(weight), dbias
-    dx, dweight, dbias = _onednn_backward(grad, x, weight, needs_x)
-    return (dx + add if dx is not None and add is not None else dx), dweight, dbias
-
-
 def _onednn_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                      needs_x: bool) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
     return torch.ops.aten.convolution_backward(grad, x, weight, [weight.shape[0]], [1, 1], [0, 0], [1, 1], False,
                                                [0, 0], 1, [needs_x, True, True])
 
 
-def kernel_backward_pays() -> bool:
-    """Whether the engine's 1x1 convolution backward (:func:`ssiu_arch.cpu.kernels.conv1x1_backward`) is faster than
-    oneDNN's on this CPU at the current thread count (:func:`backward_timings`)."""
-    kernel, onednn = backward_timings()
-    return kernel <= onednn
+# 'kernel' or 'onednn' to run every 1x1 convolution backward one way (tests, A/B timings); None: the faster one.
+FORCED_BACKWARD: str | None = None
+_CHOICES: dict[tuple, tuple[str, dict[str, float]]] = {}
 
 
-def backward_timings() -> tuple[float, float]:
-    """Seconds of one 1x1 convolution backward (input, weight and bias gradients; 64 -> 64 channels, a batch of 8
-    channels-last 32x32 maps) by the engine's kernel and by oneDNN, the fastest of interleaved repeats, measured once
-    per process and thread count (~15 ms). Which one is faster depends on the CPU: on an Intel Xeon the kernel took
-    2.05 ms against oneDNN's 2.5 at 64x64, and oneDNN's kernels are tuned per microarchitecture. Without the
-    compiled kernels the kernel's time is infinite."""
-    return _backward_timings(torch.get_num_threads())
+def fastest(key: tuple, runs: dict[str, Callable[[], T]]) -> T:
+    """``runs[name]()`` for the ``name`` that runs fastest on this CPU: the engine's kernel or oneDNN's convolution
+    backward, for one pattern of 1x1 convolution backward at given shapes (``key``). The first call with a key (and
+    thread count) times each run on the call's own tensors, the fastest of three interleaved repeats after a warm-up
+    (:func:`~ssiu_arch.utils.cpu_features.fastest_times`), and keeps the choice for the process: which one wins
+    depends on the CPU and on the shapes (on an Intel Xeon, oneDNN for one 64-channel convolution of 8 64x64 maps,
+    the kernel for 8 32x32 maps, and the kernel, about twice as fast, for the four convolutions of one such map
+    together or for the gated output projection)."""
+    if FORCED_BACKWARD is not None:
+        return runs[FORCED_BACKWARD]()
+    key = (*key, torch.get_num_threads())
+    if key not in _CHOICES:
+        times = fastest_times(runs, repeats=4)
+        _CHOICES[key] = min(times, key=times.get), times
+    return runs[_CHOICES[key][0]]()
 
 
-@functools.cache
-def _backward_timings(threads: int) -> tuple[float, float]:
-    generator = torch.Generator().manual_seed(0)  # the caller's random stream stays untouched
-    x, grad = (torch.randn(8, 64, 32, 32, generator=generator).contiguous(memory_format=torch.channels_last)
-               for _ in range(2))
-    weight = torch.randn(64, 64, 1, 1, generator=generator)
-    runs = {'onednn': lambda: _onednn_backward(grad, x, weight, True)}
-    if kernels.available():
-        runs['kernel'] = lambda: kernels.conv1x1_backward(grad, x, weight)
-    best = fastest_times(runs, repeats=6)
-    return best.get('kernel', float('inf')), best['onednn']
+def backward_choices() -> dict[tuple, tuple[str, dict[str, float]]]:
+    """The choices :func:`fastest` has made in this process: ``(pattern, input shape, detail, thread count)`` -> (the
+    run chosen, seconds of each run). Patterns: ``conv1x1`` (detail: output channels, ``no dx`` where the input needs
+    no gradient), ``shared`` (each convolution's output channels, ``+ dx`` where a second use's gradient is added) and
+    ``gated`` (output channels)."""
+    return dict(_CHOICES)
 
 
 class ChannelNorm(torch.autograd.Function):
@@ -299,10 +307,10 @@ class MoEMix(torch.autograd.Function):
 
 class GatedConv1x1(torch.autograd.Function):
     """``conv(GELU(h) * u)``, or plus ``other`` in oneDNN's epilogue: MSGM's gate and output projection, for
-    channels-last NCHW maps. Forward: the gate in one pass, then oneDNN's convolution. Backward: where the engine's 1x1
-    backward pays on this CPU (:func:`kernel_backward_pays`), one pass of
-    :func:`ssiu_arch.cpu.kernels.gated_conv1x1_backward` for the gradients of the weight, the bias, h and u; elsewhere
-    oneDNN's backward, then the gate's backward in one pass."""
+    channels-last NCHW maps. Forward: the gate in one pass, then oneDNN's convolution. Backward: one pass of
+    :func:`ssiu_arch.cpu.kernels.gated_conv1x1_backward` for the gradients of the weight, the bias, h and u, or
+    oneDNN's backward and then the gate's backward in one pass, whichever is the faster at these shapes
+    (:func:`fastest`)."""
 
     @staticmethod
     def forward(ctx, h: torch.Tensor, u: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -315,12 +323,17 @@ class GatedConv1x1(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad: torch.Tensor):
         gate, h, u, weight = ctx.saved_tensors
-        if kernel_backward_pays():
+
+        def kernel() -> tuple[torch.Tensor, ...]:
             dh, du, dweight, dbias = kernels.gated_conv1x1_backward(grad, gate, h, u, weight)
-            dweight = dweight.view_as(weight)
-        else:
+            return dh, du, dweight.view_as(weight), dbias
+
+        def onednn() -> tuple[torch.Tensor, ...]:
             dgate, dweight, dbias = _onednn_backward(grad, gate, weight, True)
-            dh, du = _flat(torch.ops.ssiu.gelu_gate_backward, dgate, h, u)
+            return *_flat(torch.ops.ssiu.gelu_gate_backward, dgate, h, u), dweight, dbias
+
+        key = ('gated', tuple(h.shape), f'-> {weight.shape[0]}')
+        dh, du, dweight, dbias = fastest(key, {'kernel': kernel, 'onednn': onednn})
         return dh, du, dweight, dbias, grad if ctx.needs_input_grad[4] else None
 
 
