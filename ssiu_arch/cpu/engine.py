@@ -30,6 +30,7 @@ one: a hundredth of the rounding it meets.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import sys
@@ -52,6 +53,7 @@ from ssiu_arch.archs.ssiu_arch import (
 )
 from ssiu_arch.cpu import kernels, training
 from ssiu_arch.cpu.memory import freed_memory_retained
+from ssiu_arch.utils.cpu_features import fastest_times
 
 __all__ = ['ENGINE', 'Engine']
 
@@ -93,6 +95,33 @@ def network_digest() -> str | None:
 
 
 _NETWORK_KNOWN = network_digest() == NETWORK_DIGEST
+
+
+@functools.cache
+def bf16_speedup() -> float | None:
+    """float32 time / bfloat16 time of the fused MSGM kernel, which holds most of the engine's products, on a
+    64-channel 96x96 map at the current thread count: the fastest of interleaved repeats, measured once per process
+    (~40 ms). None where the bfloat16 kernels cannot run (:func:`~ssiu_arch.cpu.kernels.bf16_available`).
+
+    The engine's bfloat16 products are its kernels' own AVX512_BF16 ``vdpbf16ps``, so oneDNN's bfloat16 rate
+    (:func:`~ssiu_arch.utils.cpu_features.bf16_product_speedup`) does not decide whether its bfloat16 path pays: with
+    AMX (Intel Sapphire Rapids and later), oneDNN multiplies bfloat16 several times faster than float32, while
+    ``vdpbf16ps`` issues at half the rate of those CPUs' two FMA ports."""
+    if not kernels.bf16_available():
+        return None
+    generator = torch.Generator().manual_seed(0)  # the caller's random stream stays untouched
+    c, side = 64, 96
+    x = torch.randn(1, side, side, c, generator=generator)
+    w = [torch.randn(c, c, generator=generator) * c ** -0.5 for _ in range(4)]
+    depthwise = torch.randn(c, 1, 3, 3, generator=generator) / 3
+    zero = torch.zeros(c)
+
+    def run(bf16: bool) -> torch.Tensor:
+        return kernels.msgm(x, w[0], zero, w[1], zero, depthwise, zero, w[2], zero, w[3], zero, None, False, 0, side,
+                            MSGM_TILE_PIXELS, bf16=bf16)
+
+    best = fastest_times({'fp32': lambda: run(False), 'bf16': lambda: run(True)})
+    return best['fp32'] / best['bf16']
 
 
 class Engine:

@@ -37,7 +37,7 @@ from torch import nn
 
 from ssiu_arch import archs
 from ssiu_arch.cpu import kernels
-from ssiu_arch.cpu.engine import ENGINE
+from ssiu_arch.cpu.engine import ENGINE, bf16_speedup
 from ssiu_arch.cpu.memory import retain_freed_memory
 from ssiu_arch.tools.common import positive_int
 from ssiu_arch.tools.precision import autocast, resolve_precision
@@ -101,7 +101,9 @@ def _max_rss_mb() -> float:
 
 
 def machine_description() -> str:
-    """CPU model name (or ``platform.processor()``) and the number of CPUs."""
+    """CPU model name (or ``platform.processor()``), the number of CPUs, its native bfloat16 and, where the CPU
+    engine's bfloat16 kernels run, their speed against its float32 ones (:func:`ssiu_arch.cpu.engine.bf16_speedup`,
+    which decides ``--precision bf16``)."""
     name = platform.processor() or platform.machine()
     try:
         for line in Path('/proc/cpuinfo').read_text().splitlines():
@@ -110,7 +112,9 @@ def machine_description() -> str:
                 break
     except OSError:
         pass
-    return f'{name}, {os.cpu_count()} CPUs ({describe_cpu()})'
+    engine_bf16 = bf16_speedup()
+    kernels_rate = '' if engine_bf16 is None else f"; the engine's bf16 kernels {engine_bf16:.2f}x its float32 ones"
+    return f'{name}, {os.cpu_count()} CPUs ({describe_cpu()}{kernels_rate})'
 
 
 def load_average() -> str:
