@@ -359,6 +359,27 @@ def test_1x1_backward_is_timed_per_pattern_and_shape_on_the_first_pass(monkeypat
     assert training.backward_choices() == choices  # nothing timed again
 
 
+def test_1x1_backward_times_a_few_shapes_per_pattern_then_reuses_the_nearest(monkeypatch):
+    """Training on images of many sizes does not time every backward pass: past MAX_TIMED_SHAPES shapes of a pattern,
+    a new shape runs the choice of the nearest timed one, and the gradients are the reference's still."""
+    monkeypatch.setattr(training, '_CHOICES', {})
+    monkeypatch.setattr(training, 'MAX_TIMED_SHAPES', 2)
+    torch.manual_seed(0)
+    net = tiny(num_feat=32, num_heads=2, num_block=1).train()
+    for size in (16, 32, 48):
+        x = torch.rand(1, 3, size, size)
+        got = torch.autograd.grad(net(x).square().mean(), list(net.parameters()))
+    groups = {}
+    for pattern, shape, detail, _ in training.backward_choices():
+        groups.setdefault((pattern, detail), []).append(shape)
+    assert groups and all(len(shapes) <= 2 for shapes in groups.values())
+    assert not any(shape[-1] == 48 for shapes in groups.values() for shape in shapes)  # the third size: not timed
+    net.use_engine = False
+    expected = torch.autograd.grad(net(x).square().mean(), list(net.parameters()))
+    got, expected = (torch.cat([g.flatten() for g in grads]) for grads in (got, expected))
+    assert (got - expected).norm() <= 1e-5 * expected.norm()
+
+
 def _check_training_path(kw: dict, trainable: str) -> None:
     torch.manual_seed(0)
     net = tiny(**kw).train()

@@ -178,21 +178,28 @@ def _onednn_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
 
 # 'kernel' or 'onednn' to run every 1x1 convolution backward one way (tests, A/B timings); None: the faster one.
 FORCED_BACKWARD: str | None = None
+# Input shapes per backward pattern that fastest() times; later shapes reuse the nearest one's choice.
+MAX_TIMED_SHAPES = 4
 _CHOICES: dict[tuple, tuple[str, dict[str, float]]] = {}
 
 
 def fastest(key: tuple, runs: dict[str, Callable[[], T]]) -> T:
     """``runs[name]()`` for the ``name`` that runs fastest on this CPU: the engine's kernel or oneDNN's convolution
-    backward, for one pattern of 1x1 convolution backward at given shapes (``key``). The first call with a key (and
-    thread count) times each run on the call's own tensors, the fastest of three interleaved repeats after a warm-up
-    (:func:`~ssiu_arch.utils.cpu_features.fastest_times`), and keeps the choice for the process: which one wins
-    depends on the CPU and on the shapes (on an Intel Xeon, oneDNN for one 64-channel convolution of 8 64x64 maps,
-    the kernel for 8 32x32 maps, and the kernel, about twice as fast, for the four convolutions of one such map
-    together or for the gated output projection)."""
+    backward, for one pattern of 1x1 convolution backward at one input shape (``key``: pattern, shape, detail). The
+    first call with a key (and thread count) times each run on the call's own tensors, the fastest of three
+    interleaved repeats after a warm-up (:func:`~ssiu_arch.utils.cpu_features.fastest_times`), and keeps the choice
+    for the process: which one wins depends on the CPU, the pattern and the shape (``bench_train.py`` prints them).
+    Once :data:`MAX_TIMED_SHAPES` shapes of a pattern are timed, further shapes (training on whole images of
+    varying sizes, say) take the choice of the timed shape nearest in size instead of being timed each."""
     if FORCED_BACKWARD is not None:
         return runs[FORCED_BACKWARD]()
-    key = (*key, torch.get_num_threads())
+    pattern, shape, detail = key
+    key = (pattern, shape, detail, torch.get_num_threads())
     if key not in _CHOICES:
+        timed = [(k[1], choice) for k, (choice, _) in _CHOICES.items() if (k[0], *k[2:]) == (pattern, *key[2:])]
+        if len(timed) >= MAX_TIMED_SHAPES:
+            size = math.prod(shape)
+            return runs[min(timed, key=lambda item: abs(math.log(math.prod(item[0]) / size)))[1]]()
         times = fastest_times(runs, repeats=4)
         _CHOICES[key] = min(times, key=times.get), times
     return runs[_CHOICES[key][0]]()
