@@ -302,7 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     lq, gt = training_batch(args.batch, args.size, config['scale'])
     where = (f'{torch.cuda.get_device_name(device)}, TF32 off' if device.type == 'cuda'
              else f'{args.threads} threads, malloc {args.malloc}')
-    print(f'machine: {machine_description()}; torch {torch.__version__}; {device.type}: {where}')
+    print(f'machine: {machine_description(engine=device.type == "cpu")}; torch {torch.__version__}; {device.type}: '
+          f'{where}')
     print(f'step: x2, batch {args.batch} of {args.size}x{args.size} LR, AdamW, L1 + 0.01 FFT; SSIU num_feat '
           f'{args.num_feat}, num_block {args.num_block}; {args.runs} timed steps per network and variant')
     print(f'load average at start: {load_average()}', flush=True)

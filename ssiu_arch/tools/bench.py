@@ -100,10 +100,10 @@ def _max_rss_mb() -> float:
     return rss / 2 ** 20 if sys.platform == 'darwin' else rss / 2 ** 10  # bytes on macOS, KiB on Linux
 
 
-def machine_description() -> str:
-    """CPU model name (or ``platform.processor()``), the number of CPUs, its native bfloat16 and, where the CPU
-    engine's bfloat16 kernels run, their speed against its float32 ones (:func:`ssiu_arch.cpu.engine.bf16_speedup`,
-    which decides ``--precision bf16``)."""
+def machine_description(engine: bool = True) -> str:
+    """CPU model name (or ``platform.processor()``), the number of CPUs, its native bfloat16 and, with ``engine`` and
+    where the CPU engine's bfloat16 kernels run, their speed against its float32 ones
+    (:func:`ssiu_arch.cpu.engine.bf16_speedup`, which decides ``--precision bf16``; it loads the compiled kernels)."""
     name = platform.processor() or platform.machine()
     try:
         for line in Path('/proc/cpuinfo').read_text().splitlines():
@@ -112,7 +112,7 @@ def machine_description() -> str:
                 break
     except OSError:
         pass
-    engine_bf16 = bf16_speedup()
+    engine_bf16 = bf16_speedup() if engine else None
     kernels_rate = '' if engine_bf16 is None else f"; the engine's bf16 kernels {engine_bf16:.2f}x its float32 ones"
     return f'{name}, {os.cpu_count()} CPUs ({describe_cpu()}{kernels_rate})'
 
