@@ -38,7 +38,8 @@ if ! "$PY" -c 'import torch' 2>/dev/null ||
    { command -v nvidia-smi >/dev/null && ! "$PY" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())'; }; then
   "${pip_install[@]}" torch==2.13.0 torchvision==0.28.0
 fi
-"$PY" -c 'import ssiu_arch' 2>/dev/null || "${pip_install[@]}" --no-deps -e .
+# This package, editable, with its console scripts (ssiu_arch itself would import from the checkout without them).
+[ -x "$VENV/bin/basicsr" ] || "${pip_install[@]}" --no-deps -e .
 # The first missing module of what the checks import (ssiu_arch.models applies the BasicSR fixes first), as the
 # distribution that provides it; nothing once all import.
 missing() {
