@@ -23,7 +23,9 @@ RUN=${RUN:-benchmarks/cuda_check.py}
 export SSIU_NO_KERNELS=1
 start=$SECONDS
 if [ ! -x "$VENV/bin/python" ]; then
-  "$PYTHON" -m venv --system-site-packages "$VENV"
+  # Without ensurepip (a distribution's Python without its venv package), pip comes from the outer packages.
+  "$PYTHON" -m venv --system-site-packages "$VENV" 2>/dev/null ||
+    "$PYTHON" -m venv --system-site-packages --without-pip --clear "$VENV"
   "$PYTHON" -c 'import site, sys
 if sys.prefix != sys.base_prefix:  # a venv: addsitedir also reads its .pth files
     print("\n".join(f"import site; site.addsitedir({path!r})" for path in site.getsitepackages()))' \
