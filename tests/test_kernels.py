@@ -164,8 +164,6 @@ def test_linear_backward_is_the_gradient_of_a_linear_map(pixels, c_in, c_out, th
         x, g, w = torch.randn(pixels, c_in), torch.randn(pixels, c_out), torch.randn(c_out, c_in)
         dx, dw, db = torch.ops.ssiu.linear_backward(g, x, w)
         no_dx, dw_alone, _ = torch.ops.ssiu.linear_backward(g, x, None)
-        earlier = torch.randn(pixels, c_in)  # another convolution's input gradient, summed in the epilogue
-        dx_sum = torch.ops.ssiu.linear_backward(g, x, w, earlier)[0]
     finally:
         torch.set_num_threads(saved)
     ref_x, ref_w, ref_b = g.double() @ w.double(), g.double().t() @ x.double(), g.double().sum(0)
@@ -174,7 +172,6 @@ def test_linear_backward_is_the_gradient_of_a_linear_map(pixels, c_in, c_out, th
     assert (dw.double() - ref_w).norm() <= 1e-6 * ref_w.norm()  # sums of chunk sums: no long float32 chains
     assert (db.double() - ref_b).abs().max() <= 1e-5 * ref_b.abs().max()
     assert no_dx is None and torch.equal(dw_alone, dw)
-    assert (dx_sum - dx - earlier).abs().max() <= 1e-6 * ref_x.abs().max()
 
 
 def test_conv1x1_backward_is_the_convolution_gradient():
@@ -232,10 +229,6 @@ def test_linear_backward_refuses_bad_input():
         torch.ops.ssiu.linear_backward(torch.randn(10, 4).double(), torch.randn(10, 16).double(), None)
     with pytest.raises(RuntimeError, match='weight must be'):
         torch.ops.ssiu.linear_backward(torch.randn(10, 4), torch.randn(10, 16), torch.randn(16, 4))
-    with pytest.raises(RuntimeError, match='add must be'):
-        torch.ops.ssiu.linear_backward(torch.randn(10, 4), torch.randn(10, 16), None, torch.randn(10, 16))
-    with pytest.raises(RuntimeError, match='add must be'):
-        torch.ops.ssiu.linear_backward(torch.randn(10, 4), torch.randn(10, 16), torch.randn(4, 16), torch.randn(9, 16))
 
 
 @pytest.mark.parametrize('batch, c_in, c_out, size', [(3, 32, 24, (11, 9)), (2, 48, 64, (40, 50))])

@@ -168,16 +168,15 @@ def pixel_rows(t: torch.Tensor) -> torch.Tensor:
     return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
 
 
-def conv1x1_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None,
-                     add: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+def conv1x1_backward(grad: torch.Tensor, x: torch.Tensor,
+                     weight: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """Gradients of a 1x1 convolution from its output's gradient ``grad`` (B, C_out, H, W) and its input ``x``
     (B, C_in, H, W), float32, C_in a multiple of 16: the input's (B, C_in, H, W) in channels-last memory where
-    ``weight`` (C_out, C_in, 1, 1) is given (else None), plus ``add`` (shaped as ``x``) if given, the weight's
+    ``weight`` (C_out, C_in, 1, 1) is given (else None), the weight's
     (C_out, C_in) and the bias's (C_out), in one pass over the maps (channels-last memory is read in place, other
     layouts are copied to it first)."""
     flat = None if weight is None else weight.reshape(weight.shape[0], -1)
-    dx, dweight, dbias = torch.ops.ssiu.linear_backward(pixel_rows(grad), pixel_rows(x), flat,
-                                                        None if add is None else pixel_rows(add))
+    dx, dweight, dbias = torch.ops.ssiu.linear_backward(pixel_rows(grad), pixel_rows(x), flat)
     if dx is not None:
         b, _, h, w = x.shape
         dx = dx.view(b, h, w, -1).permute(0, 3, 1, 2)

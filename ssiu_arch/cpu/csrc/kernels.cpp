@@ -353,14 +353,12 @@ SSIU_TARGETS void gelu_gate_gradients(const float* g, const float* h, const floa
 
 // Gradients of a 1x1 convolution (a linear map of pixels, y = x W^T + b) from its output's gradient g (m, o) and
 // its input x (m, i), both channels-last rows, i a multiple of 16: dw (o, i) = g^T x, db (o) = column sums of g and,
-// given the weight (o, i), dx (m, i) = g W, plus `add` (m, i) if given: the input gradient of an earlier
-// convolution of the same x, summed here instead of in a pass of its own. oneDNN's backward computes the weight
+// given the weight (o, i), dx (m, i) = g W. oneDNN's backward computes the weight
 // gradient at about 60% of its forward rate on a 64-channel map and reads g once for dx and again for dw; here
 // chunks of 64 rows (both operands in L1) pass every tile of dw once and give their rows of dx, and each thread sums
 // its own run of rows into a partial weight gradient.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward(const at::Tensor& grad, const at::Tensor& x,
-                                                               const std::optional<at::Tensor>& weight,
-                                                               const std::optional<at::Tensor>& add) {
+                                                               const std::optional<at::Tensor>& weight) {
   TORCH_CHECK(grad.dim() == 2 && x.dim() == 2 && grad.size(0) == x.size(0) && grad.scalar_type() == at::kFloat &&
                   x.scalar_type() == at::kFloat && grad.device().is_cpu() && x.device().is_cpu(),
               "linear_backward: grad (m, o) and x (m, i) must be float32 CPU matrices of the same rows, got ",
@@ -369,10 +367,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward(const at::Tensor&
   TORCH_CHECK(i % 16 == 0, "linear_backward: input channels must be a multiple of 16, got ", i);
   TORCH_CHECK(!weight || (weight->sizes() == at::IntArrayRef({o, i}) && weight->scalar_type() == at::kFloat),
               "linear_backward: weight must be float32 (", o, ", ", i, ")");
-  TORCH_CHECK(!add || (weight && add->sizes() == x.sizes() && add->scalar_type() == at::kFloat),
-              "linear_backward: add must be float32 and shaped as x, with the weight given");
   const at::Tensor g = grad.contiguous(), input = x.contiguous();
-  const at::Tensor w = weight ? weight->contiguous() : at::Tensor(), extra = add ? add->contiguous() : at::Tensor();
+  const at::Tensor w = weight ? weight->contiguous() : at::Tensor();
   at::Tensor dx = weight ? at::empty({m, i}, input.options()) : at::Tensor();
   const std::vector<float> zeros(i, 0.f);
   constexpr int64_t kChunk = 64;
@@ -382,7 +378,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward(const at::Tensor&
   const float* x_data = input.data_ptr<float>();
   const float* w_data = weight ? w.data_ptr<float>() : nullptr;
   float* dx_data = weight ? dx.data_ptr<float>() : nullptr;
-  const float* add_data = add ? extra.data_ptr<float>() : nullptr;
   float* p_data = partial.data_ptr<float>();
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
@@ -391,10 +386,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward(const at::Tensor&
         const int64_t rows = std::min(kChunk, stop - n0);
         const float* gc = g_data + n0 * o;
         weight_bias_grad_chunk(rows, o, i, gc, x_data + n0 * i, dw);
-        if (add_data) {
-          gemm<Epilogue::kAdd>(rows, o, i, gc, o, w_data, zeros.data(), add_data + n0 * i, nullptr, i,
-                               dx_data + n0 * i, i);
-        } else if (w_data) {
+        if (w_data) {
           gemm<Epilogue::kBias>(rows, o, i, gc, o, w_data, zeros.data(), nullptr, nullptr, 0, dx_data + n0 * i, i);
         }
       }
@@ -2355,7 +2347,7 @@ TORCH_LIBRARY(ssiu, m) {
   m.def("layer_norm_rows_backward(Tensor grad, Tensor x, Tensor mean, Tensor rstd, Tensor weight) -> "
         "(Tensor, Tensor, Tensor)");
   m.def("gelu_gate_backward(Tensor grad, Tensor h, Tensor u) -> (Tensor, Tensor)");
-  m.def("linear_backward(Tensor grad, Tensor x, Tensor? weight, Tensor? add=None) -> (Tensor, Tensor, Tensor)");
+  m.def("linear_backward(Tensor grad, Tensor x, Tensor? weight) -> (Tensor, Tensor, Tensor)");
   m.def("max_pool2(Tensor x, int stride) -> (Tensor, Tensor)");
   m.def("max_pool2_backward(Tensor grad, Tensor argmax, Tensor? add, int height, int width, int stride) -> Tensor");
   m.def("linear_backward_shared(Tensor[] grads, Tensor x, Tensor[] weights, Tensor? add) -> "
